@@ -1,0 +1,226 @@
+"""GGUF files: metadata -> ``ArchConfig`` + ``Tokenizer``; tensors dequantized to float32 with HF names.
+
+Supports the llama family as llama.cpp writes it: ``general.architecture`` ``llama`` (Llama, Mistral,
+SmolLM) and ``qwen2``. llama.cpp's converter permutes llama's q/k rows into GGML's rope layout
+(rotate interleaved pairs); ``unpermute_rope_rows`` undoes that so the weights match Hugging Face's
+``rotate_half`` layout. Qwen2 files are written unpermuted (NEOX rope), so they are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+from tqdm.auto import tqdm
+
+from ferry.config import ArchConfig
+from ferry.engine.tokenizer import Tokenizer
+from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
+
+logger = logging.getLogger(__name__)
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ROPE_PERMUTED = {"llama"}  # architectures whose q/k llama.cpp stores in GGML rope order
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# Tensors that carry no parameter of a llama-family model in HF terms.
+_IGNORED = {"rope_freqs.weight"}
+
+# NOTE: GGUFReader reports a damaged file through whatever numpy or struct raised deep inside.
+_READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, struct.error)
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """Open and parse the header, metadata and tensor table; a damaged file -> ModelFormatError."""
+    try:
+        reader = GGUFReader(str(path), "r")
+    except _READ_ERRORS as e:
+        raise ModelFormatError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from e
+    file_size = Path(path).stat().st_size
+    for t in reader.tensors:
+        if t.data.nbytes != t.n_bytes or t.data_offset + t.n_bytes > file_size:
+            raise ModelFormatError(f"{path}: tensor {t.name} runs past the end of the file (truncated?)")
+    return reader
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """Every metadata key as a plain Python value (arrays become lists)."""
+    out: dict[str, Any] = {}
+    for key, fld in reader.fields.items():
+        try:
+            out[key] = fld.contents()
+        except _READ_ERRORS as e:  # UnicodeDecodeError is a ValueError
+            raise ModelFormatError(f"GGUF metadata key {key!r} is unreadable: {e}") from e
+    return out
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF parameter name for a GGUF tensor name; None for tensors without one (rope_freqs)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in _IGNORED:
+        return None
+    m = _BLOCK_RE.match(gguf_name)
+    if m is None or m.group(2) not in _BLOCK_NAMES:
+        raise ModelFormatError(f"unsupported GGUF tensor {gguf_name!r} for a llama-family model")
+    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's ``permute``: GGML rope row order -> HF ``rotate_half`` order.
+
+    Per head the rows are stored as interleaved pairs (x0, x_{d/2}, x1, x_{d/2+1}, ...); HF wants
+    the two halves contiguous.
+    """
+    # w: [n_head * head_dim, ...]   (a weight [out, in] or a bias [out])
+    if w.shape[0] % (2 * n_head):
+        raise ModelFormatError(f"cannot un-permute {w.shape[0]} rows into {n_head} rope heads")
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy order ([out, in] for a weight)."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise ModelFormatError(f"tensor {t.name}: quantization {t.tensor_type.name} is not supported") from e
+    except _READ_ERRORS as e:
+        raise ModelFormatError(f"tensor {t.name} ({t.tensor_type.name}) is malformed: {e}") from e
+    # NOTE: F32 tensors come back as a view of the read-only memory map; copy so torch owns it.
+    return np.array(arr, dtype=np.float32, copy=True).reshape(shape)
+
+
+def arch_from_metadata(fields: Mapping[str, Any], tensors: Mapping[str, tuple[int, ...]],
+                       tokenizer: Tokenizer) -> ArchConfig:
+    """``ArchConfig`` from ``{arch}.*`` metadata; ``tensors`` maps GGUF names to numpy shapes."""
+    arch = fields.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelFormatError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(_ARCHITECTURES))}")
+
+    def get(key: str, default: Any = None, kind: type = int) -> Any:
+        value = fields.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelFormatError(f"GGUF metadata lacks {arch}.{key}")
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise ModelFormatError(f"{arch}.{key} varies per layer ({value}); not supported")
+            value = value[0]
+        try:
+            return kind(value)
+        except (TypeError, ValueError) as e:
+            raise ModelFormatError(f"{arch}.{key} has an invalid value {value!r}") from e
+
+    if "token_embd.weight" not in tensors:
+        raise ModelFormatError("GGUF file has no token_embd.weight tensor")
+    hidden = get("embedding_length")
+    n_head = get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // max(n_head, 1))
+    rope_scaling = None
+    scaling_type = fields.get(f"{arch}.rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        rope_scaling = {"rope_type": str(scaling_type), "factor": get("rope.scaling.factor", kind=float)}
+        if f"{arch}.rope.scaling.original_context_length" in fields:
+            rope_scaling["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
+    elif f"{arch}.rope.scale_linear" in fields:
+        rope_scaling = {"rope_type": "linear", "factor": get("rope.scale_linear", kind=float)}
+    if "rope_freqs.weight" in tensors:
+        # NOTE: llama-3.1 style files store per-dimension rope frequency factors as a tensor rather
+        # than metadata; they are not applied (exact below the original context length).
+        logger.warning("GGUF rope_freqs tensor (llama3 rope scaling) is ignored")
+    try:
+        return ArchConfig(
+            architecture=_ARCHITECTURES[arch],
+            vocab_size=get("vocab_size", tensors["token_embd.weight"][0]),
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_hidden_layers=get("block_count"),
+            num_attention_heads=n_head,
+            num_key_value_heads=get("attention.head_count_kv", n_head),
+            max_position_embeddings=get("context_length"),
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
+            rope_theta=get("rope.freq_base", 10000.0, kind=float),
+            rope_scaling=rope_scaling,
+            head_dim_override=head_dim if n_head * head_dim != hidden else None,
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_ids=tokenizer.eos_token_ids,
+        )
+    except ValueError as e:
+        raise ModelFormatError(f"GGUF metadata describes an invalid model: {e}") from e
+
+
+def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
+    """Read a GGUF file's config and tokenizer now; its weights stream from ``weights()``."""
+    path = Path(path)
+    reader = open_gguf(path)
+    fields = read_metadata(reader)
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(fields)
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: {e}") from e
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    arch = arch_from_metadata(fields, shapes, tokenizer)
+
+    names: dict[str, str] = {}
+    for t in reader.tensors:
+        mapped = hf_name(t.name)
+        if mapped is not None:
+            names[t.name] = mapped
+    expected = expected_weight_shapes(arch)
+    got = {names[g]: shapes[g] for g in names}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{path}: tensors do not match the metadata: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for hf, shape in got.items():
+        if shape != expected[hf]:
+            raise ModelFormatError(f"{path}: {hf} has shape {list(shape)}, metadata implies {list(expected[hf])}")
+
+    permute = fields["general.architecture"] in _ROPE_PERMUTED
+    heads = {"self_attn.q_proj": arch.num_attention_heads, "self_attn.k_proj": arch.num_key_value_heads}
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        tensors = [t for t in reader.tensors if t.name in names]
+        for t in tqdm(tensors, desc=f"Loading {path.name}", unit="tensor", disable=None):
+            out = names[t.name]
+            w = dequantize_tensor(t)
+            module = out.rsplit(".", 1)[0].split(".", 3)[-1]  # e.g. "self_attn.q_proj"
+            if permute and module in heads:
+                w = unpermute_rope_rows(w, heads[module])
+            yield out, torch.from_numpy(np.ascontiguousarray(w))
+
+    return LoadedModel(name=name or path.name, source=path.resolve(), arch=arch, tokenizer=tokenizer,
+                       weight_iter=weights)
+
+
+__all__ = ["arch_from_metadata", "dequantize_tensor", "hf_name", "load_gguf",
+           "open_gguf", "read_metadata", "unpermute_rope_rows"]

@@ -1,0 +1,180 @@
+"""Hugging Face model folders: ``config.json``, ``*.safetensors`` (single or sharded with an index),
+``tokenizer.json`` and ``generation_config.json``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from ferry.config import ArchConfig
+from ferry.engine.tokenizer import Tokenizer
+from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
+
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_SUPPORTED = frozenset(_MODEL_TYPES.values())
+_INDEX = "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} must hold a JSON object")
+    return data
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise ModelFormatError(f"eos_token_id must be an int or a list of ints, got {value!r}")
+
+
+def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either the old keys or transformers 5's ``rope_parameters``.
+
+    ``rope_scaling`` is an HF-style dict keyed by ``rope_type`` (e.g. ``{"rope_type": "llama3",
+    "factor": 8.0, ...}``), or None for plain rope.
+    """
+    params = dict(config.get("rope_parameters") or {})
+    theta = float(config.get("rope_theta") or params.pop("rope_theta", None) or 10000.0)
+    params.pop("rope_theta", None)
+    scaling = config.get("rope_scaling") or params or None
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling.pop("rope_theta", None)
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        if scaling.get("rope_type", "default") == "default":
+            scaling = None
+    return theta, scaling
+
+
+def arch_from_config(config: Mapping[str, Any], generation: Mapping[str, Any],
+                     tokenizer: Tokenizer) -> ArchConfig:
+    """``ArchConfig`` from ``config.json`` (+ ``generation_config.json`` eos ids)."""
+    archs = config.get("architectures") or [_MODEL_TYPES.get(config.get("model_type", ""), "")]
+    architecture = archs[0]
+    if architecture not in _SUPPORTED:
+        raise ModelFormatError(f"unsupported architecture {architecture or config.get('model_type')!r}; "
+                               f"supported: {', '.join(sorted(_SUPPORTED))}")
+    if config.get("mlp_bias"):
+        raise ModelFormatError("mlp_bias=true is not supported")
+    theta, scaling = _rope(config)
+    heads = config.get("num_attention_heads", 0)
+    head_dim = config.get("head_dim")
+    eos = _ids(generation.get("eos_token_id")) or _ids(config.get("eos_token_id")) or tokenizer.eos_token_ids
+    bos = generation.get("bos_token_id", config.get("bos_token_id", tokenizer.bos_token_id))
+    try:
+        return ArchConfig(
+            architecture=architecture,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            max_position_embeddings=config["max_position_embeddings"],
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            head_dim_override=head_dim if head_dim and head_dim * heads != config["hidden_size"] else None,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # NOTE: Qwen2's config has no attention_bias key; its q/k/v always carry a bias.
+            attention_bias=architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+            bos_token_id=bos,
+            eos_token_ids=eos,
+        )
+    except KeyError as e:
+        raise ModelFormatError(f"config.json lacks {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"config.json describes an invalid model: {e}") from e
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a folder: from the index when there is one."""
+    if (path / _INDEX).is_file():
+        weight_map = _read_json(path / _INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFormatError(f"{path / _INDEX} has no weight_map")
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelFormatError(f"{path}: shards listed in {_INDEX} are missing: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = " (only .safetensors weights are supported)" if any(path.glob("*.bin")) else ""
+        raise ModelFormatError(f"{path} has no *.safetensors weights{hint}")
+    return files
+
+
+def _scan(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape), reading only the headers."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    found[key] = (f, tuple(sf.get_slice(key).get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise ModelFormatError(f"{f} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    return found
+
+
+def load_safetensors_dir(path: Path, name: str | None = None) -> LoadedModel:
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelFormatError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    config = _read_json(config_file)
+    generation = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    try:
+        tokenizer = Tokenizer.from_hf_folder(path)
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: {e}") from e
+    arch = arch_from_config(config, generation, tokenizer)
+
+    found = _scan(shard_files(path))
+    expected = expected_weight_shapes(arch)
+    ignored = {k for k in found if k.endswith("rotary_emb.inv_freq")}
+    if arch.tie_word_embeddings:
+        ignored.add("lm_head.weight")
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - ignored)
+    if missing or unexpected:
+        raise ModelFormatError(f"{path}: weights do not match config.json: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    for key, shape in expected.items():
+        if found[key][1] != shape:
+            raise ModelFormatError(f"{path}: {key} has shape {list(found[key][1])}, config implies {list(shape)}")
+
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(found[key][0], []).append(key)
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        with tqdm(total=len(expected), desc=f"Loading {path.name}", unit="tensor", disable=None) as bar:
+            for f, keys in by_file.items():
+                try:
+                    with safe_open(str(f), framework="pt", device="cpu") as sf:
+                        for key in keys:
+                            tensor = sf.get_tensor(key).to(torch.float32)
+                            bar.update(1)
+                            yield key, tensor
+                except SafetensorError as e:
+                    raise ModelFormatError(f"{f}: cannot read tensor data: {e}") from e
+
+    return LoadedModel(name=name or path.name, source=path.resolve(), arch=arch, tokenizer=tokenizer,
+                       weight_iter=weights)
