@@ -1,0 +1,175 @@
+"""Per-request async streams over an engine loop that runs in its own thread.
+
+    event loop thread                         engine thread
+    generate() --AddRequest/AbortRequest-->   inbox -> LLMEngine.step() -> outputs
+    asyncio.Queue per request  <--call_soon_threadsafe--  (one RequestOutput per new token batch)
+
+The step loop never runs on the event loop, so /health and /metrics answer while it computes.
+A consumer that stops iterating (client disconnect) aborts its request, freeing its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ferry.config import EngineConfig
+from ferry.engine.core import EngineStats, StepError
+from ferry.engine.llm_engine import LLMEngine, PromptType
+from ferry.engine.messages import AbortRequest, AddRequest, EngineMessage, Shutdown
+from ferry.engine.tokenizer import Tokenizer
+from ferry.outputs import RequestOutput
+from ferry.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5
+
+
+class EngineError(RuntimeError):
+    """The engine failed this request; other requests go on."""
+
+
+class EngineDeadError(EngineError):
+    """The engine thread is not running."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self._inbox: queue.Queue[EngineMessage] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stats = engine.stats()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        """Load the model (blocking, seconds: call it in a thread). Call ``start()`` next."""
+        return cls(LLMEngine(config))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="ferry-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._inbox.put(Shutdown())
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests ----------------------------------------------------------------------------
+    async def generate(self, prompt: PromptType, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        state = self.engine.make_request(request_id, prompt, params)  # ValueError on bad input
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._inbox.put(AddRequest(state))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._inbox.put(AbortRequest(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(AbortRequest(request_id))
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken by the engine thread after its latest step."""
+        return self._stats
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            block = not engine.has_unfinished()
+            try:
+                message = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                message = None
+            stop = False
+            while message is not None:
+                stop = stop or self._apply(message)
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    message = None
+            if stop:
+                self._abort_all()
+                return
+            if engine.has_unfinished():
+                self._step()
+            self._stats = engine.stats()
+
+    def _apply(self, message: EngineMessage) -> bool:
+        if isinstance(message, Shutdown):
+            return True
+        if isinstance(message, AbortRequest):
+            self.engine.abort_request(message.request_id)
+            return False
+        try:
+            self.engine.add(message.state)
+        except ValueError as exc:  # e.g. needs more KV blocks than the pool has
+            self._fail(message.state.request_id, exc)
+        return False
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except StepError as exc:
+            parents = {rid.rsplit("#", 1)[0] for rid in exc.request_ids}
+            for parent in parents:
+                self.engine.abort_request(parent)
+                self._fail(parent, EngineError(str(exc)))
+            return
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(exc)
+
+    def _abort_all(self) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort_request(request_id)
+            self._fail(request_id, EngineDeadError("the engine shut down"))

@@ -1,0 +1,94 @@
+"""EngineCore.step(): schedule -> execute -> update. No tokenizer, no asyncio."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ferry.config import ArchConfig, EngineConfig
+from ferry.engine.kv_cache import KVCacheManager
+from ferry.engine.request import Request, RequestStatus
+from ferry.engine.scheduler import EngineCoreOutput, Scheduler
+from ferry.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class StepError(RuntimeError):
+    """The model step failed; the requests it carried were finished (aborted) and freed."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1 share of blocks held by requests
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions_total: int
+    prefix_cache_queries_total: int  # prompt tokens looked up
+    prefix_cache_hits_total: int  # prompt tokens found cached
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, arch: ArchConfig, weights: object) -> None:
+        self.config = config
+        self.arch = arch
+        self.max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
+        self.runner = ModelRunner(arch, config.model, config.cache, weights,
+                                  lambda request_id: self.kv.block_ids(request_id))
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+
+    def step(self) -> list[EngineCoreOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        try:
+            runner_out = self.runner.execute(out)
+        except Exception as exc:  # the batch fails; the engine and other requests go on
+            ids = [s.request.request_id for s in out.scheduled]
+            for request_id in ids:
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+            logger.exception("engine step failed; aborted %s", ids)
+            raise StepError(ids, exc) from exc
+        return self.scheduler.update(out, runner_out)
+
+    def add_request(self, request: Request) -> None:
+        needed = self.kv.num_blocks_needed(request.num_prompt_tokens + request.max_tokens)
+        if needed > self.runner.num_blocks:
+            raise ValueError(
+                f"request needs {needed} KV blocks (prompt {request.num_prompt_tokens} + "
+                f"max_tokens {request.max_tokens} tokens) but the pool has only "
+                f"{self.runner.num_blocks}; lower max_tokens or raise kv_cache_memory")
+        self.scheduler.add_request(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus,
+                       stop_reason: int | str | None = None) -> None:
+        self.scheduler.finish_request(request_id, status, stop_reason)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        prefix = self.kv.prefix_cache_stats
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.kv.usage, num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.runner.num_blocks,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=prefix.queries, prefix_cache_hits_total=prefix.hits)
+
+
+def resolve_max_model_len(arch: ArchConfig, asked: int | None) -> int:
+    if asked is None:
+        return arch.max_position_embeddings
+    if asked > arch.max_position_embeddings:
+        raise ValueError(f"max_model_len={asked} exceeds the model's context length "
+                         f"{arch.max_position_embeddings}")
+    return asked

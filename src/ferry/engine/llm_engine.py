@@ -1,0 +1,200 @@
+"""The synchronous engine (tokenize -> EngineCore -> detokenize) and the offline ``LLM`` API."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+import torch
+
+from ferry.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ferry.engine.core import EngineCore, EngineStats
+from ferry.engine.detokenizer import IncrementalDetokenizer
+from ferry.engine.output_processor import OutputProcessor, RequestState, child_id
+from ferry.engine.request import Request, RequestStatus
+from ferry.engine.tokenizer import Tokenizer
+from ferry.loader import load_model
+from ferry.outputs import CompletionOutput, RequestOutput
+from ferry.sampling_params import SamplingParams
+
+# A prompt is text, or vLLM's token form {"prompt_token_ids": [...]}; a raw id list is accepted too.
+PromptType = Union[str, dict[str, Any], Sequence[int]]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        loaded = load_model(config.model.model)
+        torch.manual_seed(config.model.seed)
+        self.config = config
+        self.model_name = loaded.name
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.arch = loaded.arch
+        self.core = EngineCore(config, loaded.arch, loaded.weights())
+        self.max_model_len = self.core.max_model_len
+        self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)
+                                          | set(loaded.arch.eos_token_ids)))
+        self.processor = OutputProcessor(self.tokenizer)
+
+    # -- building requests (pure: safe to call from any thread) -----------------------------
+    def make_request(self, request_id: str, prompt: PromptType,
+                     params: SamplingParams) -> RequestState:
+        """Tokenize and validate; raises ValueError with a clear message on bad input."""
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.arch.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        n_prompt = len(ids)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(f"prompt is {n_prompt} tokens but the model's context is "
+                             f"{self.max_model_len} tokens")
+        max_tokens = params.max_tokens or self.max_model_len - n_prompt
+        if n_prompt + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
+                             f"model's context of {self.max_model_len} tokens")
+        needed = self.core.kv.num_blocks_needed(n_prompt + max_tokens)
+        if needed > self.core.runner.num_blocks:
+            raise ValueError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs {needed} KV blocks "
+                f"but the pool has {self.core.runner.num_blocks}; lower max_tokens or raise "
+                f"kv_cache_memory")
+        children = [self._child(child_id(request_id, i), ids, params, max_tokens, i)
+                    for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
+                                         params.include_stop_str_in_output)
+                  for _ in range(params.n)]
+        outputs = [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
+                   for i in range(params.n)]
+        return RequestState(request_id, text, ids, children, detoks, outputs)
+
+    def _child(self, rid: str, ids: list[int], params: SamplingParams, max_tokens: int,
+               index: int) -> Request:
+        request = Request(rid, ids, params, self.eos_token_ids, max_tokens)
+        if params.seed is not None:
+            # NOTE: choice i of a seeded request draws from seed + i: reproducible, yet distinct.
+            request.generator = torch.Generator(device=self.core.runner.device)
+            request.generator.manual_seed(params.seed + index)
+        return request
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt) if prompt else []
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        return None, [int(t) for t in prompt]
+
+    # -- driving the core (one thread) -------------------------------------------------------
+    def add(self, state: RequestState) -> None:
+        if state.request_id in self.processor:
+            raise ValueError(f"duplicate request id {state.request_id!r}")
+        added: list[Request] = []
+        try:
+            for child in state.children:
+                self.core.add_request(child)
+                added.append(child)
+        except ValueError:
+            for child in added:
+                self.core.finish_request(child.request_id, RequestStatus.FINISHED_ABORTED)
+            raise
+        self.processor.add(state)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+        self.add(self.make_request(request_id, prompt, params))
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.processor.remove(request_id)
+        if state is not None:
+            for child in state.children:
+                self.core.finish_request(child.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, stop_hits = self.processor.process(self.core.step())
+        for hit in stop_hits:
+            self.core.finish_request(hit.child_id, RequestStatus.FINISHED_STOPPED, hit.stop)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+
+class LLM:
+    """Offline batch inference: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str = "smollm2-135m-instruct", *, dtype: str = "float32",
+                 device: str = "auto", max_model_len: int | None = None, seed: int = 0,
+                 block_size: int = 16, kv_cache_memory: int | None = None,
+                 enable_prefix_caching: bool = True, num_gpu_blocks_override: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 enable_chunked_prefill: bool = True) -> None:
+        config = EngineConfig(
+            ModelConfig(model, dtype, device, max_model_len, seed),
+            CacheConfig(block_size, kv_cache_memory, enable_prefix_caching,
+                        num_gpu_blocks_override),
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill))
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; results come back in input order."""
+        prompt_list = self._as_list(prompts)
+        params = sampling_params or SamplingParams()
+        param_list = ([params] * len(prompt_list) if isinstance(params, SamplingParams)
+                      else list(params))
+        if len(param_list) != len(prompt_list):
+            raise ValueError("need one SamplingParams per prompt, or a single one for all")
+        # Validate everything before adding anything, so a bad prompt leaves nothing behind.
+        states = [self.engine.make_request(str(next(self._ids)), p, sp)
+                  for p, sp in zip(prompt_list, param_list)]
+        return self._run(states)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts: list[PromptType] = [
+            {"prompt_token_ids": self.tokenizer.encode_chat(conv, add_generation_prompt)}
+            for conv in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+
+    def _run(self, states: Iterable[RequestState]) -> list[RequestOutput]:
+        order: dict[str, int] = {}
+        try:
+            for i, state in enumerate(states):
+                self.engine.add(state)
+                order[state.request_id] = i
+            results: dict[str, RequestOutput] = {}
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:
+            for request_id in order:  # leave no request (and no KV block) behind
+                self.engine.abort_request(request_id)
+            raise
+        return [results[rid] for rid in sorted(results, key=order.__getitem__)]
+
+    @staticmethod
+    def _as_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if prompts and all(isinstance(t, int) for t in prompts):  # a single list of token ids
+            return [prompts]  # type: ignore[list-item]
+        return list(prompts)  # type: ignore[arg-type]

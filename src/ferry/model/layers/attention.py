@@ -1,0 +1,95 @@
+"""Paged attention over a block-structured KV cache.
+
+Per layer and per step, the new tokens' K/V are first written into their cache slots for the
+whole batch, then attention reads. So a request may read blocks another request of the same step
+is writing (prefix hits registered at scheduling time) — the write always lands first.
+
+    k_cache: [num_blocks, block_size, num_kv_heads, head_dim]   (same for v_cache)
+    slot = block_id * block_size + offset_in_block
+
+Decodes (one query token each) run as one padded batch; prefill chunks run one sequence at a time
+(from the fresh K/V when the chunk starts at position 0, else gathered from the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    start: int  # first row of this chunk in the flat token batch
+    end: int
+    num_computed: int  # tokens already in the cache before this chunk (its first position)
+    block_ids: torch.Tensor | None  # [num_blocks] long, None when num_computed == 0
+    mask: torch.Tensor | None  # [L, ctx] bool, True = attend; None when num_computed == 0
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Built once per step by the model runner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] long
+    num_decodes: int  # rows [0, num_decodes) are single-token decodes
+    decode_block_table: torch.Tensor | None  # [B, max_blocks] long (padded with block 0)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool
+    prefills: tuple[PrefillSeq, ...]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # k_cache: [N, bs, Hkv, D]; k: [T, Hkv, D]; slot_mapping: [T]
+    n, bs, hkv, d = k_cache.shape
+    k_cache.view(n * bs, hkv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(n * bs, hkv, d).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    # q: [T, H, D]; k, v: [T, Hkv, D] -> out: [T, H, D]
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[:meta.num_decodes] = _decode_attention(q[:meta.num_decodes], k_cache, v_cache, meta,
+                                                   scale)
+    for seq in meta.prefills:
+        out[seq.start:seq.end] = _prefill_attention(q[seq.start:seq.end], k[seq.start:seq.end],
+                                                    v[seq.start:seq.end], k_cache, v_cache, seq,
+                                                    scale)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    # q: [B, H, D] -> [B, H, D]
+    assert meta.decode_block_table is not None and meta.decode_mask is not None
+    b, h, d = q.shape
+    hkv = k_cache.shape[2]
+    table = meta.decode_block_table
+    keys = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    values = v_cache[table].flatten(1, 2).transpose(1, 2)
+    # NOTE: the query heads that share a KV head ride along the "query length" axis, so GQA needs
+    # no repeat of K/V: [B, Hkv, group, D] against [B, Hkv, L, D].
+    qg = q.view(b, hkv, h // hkv, d)
+    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(b, h, d)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, seq: PrefillSeq, scale: float) -> torch.Tensor:
+    # q: [L, H, D]; k, v: [L, Hkv, D] -> [L, H, D]
+    gqa = q.shape[1] != k.shape[1]
+    if seq.block_ids is None:
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           is_causal=True, scale=scale, enable_gqa=gqa)
+        return o.transpose(0, 1)
+    assert seq.mask is not None
+    ctx = seq.mask.shape[1]
+    keys = k_cache[seq.block_ids].flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
+    values = v_cache[seq.block_ids].flatten(0, 1)[:ctx].transpose(0, 1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=seq.mask,
+                                       scale=scale, enable_gqa=gqa)
+    return o.transpose(0, 1)

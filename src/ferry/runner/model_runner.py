@@ -1,0 +1,155 @@
+"""SchedulerOutput -> tensors -> one forward over the whole batch -> sampled tokens.
+
+Owns the model, the KV tensors and the sampler. Rows of the flat batch are ordered decodes first
+(one token each, batched attention), then prefill chunks (one attention call each).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ferry.config import ArchConfig, CacheConfig, ModelConfig
+from ferry.engine.request import Request
+from ferry.engine.scheduler import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
+from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
+from ferry.model.llama import KVCache
+from ferry.model.registry import build_model
+from ferry.outputs import Logprob
+from ferry.runner.memory import num_kv_blocks
+from ferry.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    return device
+
+
+class ModelRunner:
+    def __init__(self, arch: ArchConfig, model_config: ModelConfig, cache_config: CacheConfig,
+                 weights: object, block_table_lookup: object) -> None:
+        """``weights``: an iterable of (HF name, tensor); ``block_table_lookup(request_id)`` gives
+        a request's block ids (the KV cache manager's ``block_ids``)."""
+        self.arch = arch
+        self.device = resolve_device(model_config.device)
+        self.dtype = _DTYPES[model_config.dtype]
+        self.block_size = cache_config.block_size
+        self._block_ids = block_table_lookup
+        with torch.device("meta"):
+            model = build_model(arch)
+        model = model.to_empty(device=self.device)
+        model.load_weights(weights)  # type: ignore[operator]
+        model.init_buffers(self.device)  # type: ignore[operator]
+        self.model = model.to(self.dtype).eval()
+        self.num_blocks = num_kv_blocks(arch, cache_config, self.dtype, self.device)
+        shape = (self.num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
+        # NOTE: zero-filled, not empty: padded attention reads stale slots under a mask, and a NaN
+        # there would survive a zero attention weight.
+        self.kv_caches: list[KVCache] = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(arch.num_hidden_layers)]
+        self.sampler = Sampler()
+        logger.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks,
+                    self.block_size, self.kv_cache_bytes / 2**20, self.device)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        k, v = self.kv_caches[0]
+        return 2 * k.numel() * k.element_size() * len(self.kv_caches)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        input_ids, positions, meta, sample_rows = self._prepare(order)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        sampling = [s for s in order if s.samples]
+        if not sampling:
+            return ModelRunnerOutput({})
+        logits = self.model.compute_logits(hidden[sample_rows])  # type: ignore[operator]
+        requests = [s.request for s in sampling]
+        batch = SamplingBatch.build(
+            [r.sampling_params for r in requests], [r.generator for r in requests],
+            [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
+            self.arch.eos_token_ids, logits.shape[-1], self.device)
+        result = self.sampler(logits, batch)
+        return ModelRunnerOutput(self._to_tokens(requests, result))
+
+    def _prepare(self, order: list[ScheduledRequest]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        for s in order:
+            req = s.request
+            start, n = s.start, s.num_new_tokens
+            blocks = self._block_ids(req.request_id)
+            row = len(ids)
+            ids.extend(req.token_ids(start, start + n))
+            pos.extend(range(start, start + n))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            ctx = start + n
+            if n == 1:
+                decode_tables.append(blocks[:-(-ctx // bs)])
+                decode_lens.append(ctx)
+            else:
+                prefills.append(self._prefill_seq(row, start, n, blocks))
+            if s.samples:
+                sample_rows.append(row + n - 1)
+        dev = self.device
+        table = mask = None
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                                 dtype=torch.long, device=dev)
+            lens = torch.tensor(decode_lens, device=dev)
+            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(decode_tables), decode_block_table=table, decode_mask=mask,
+            prefills=tuple(prefills))
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.tensor(pos, dtype=torch.long, device=dev), meta,
+                torch.tensor(sample_rows, dtype=torch.long, device=dev))
+
+    def _prefill_seq(self, row: int, start: int, n: int, blocks: list[int]) -> PrefillSeq:
+        if start == 0:
+            return PrefillSeq(row, row + n, 0, None, None)
+        ctx = start + n
+        dev = self.device
+        block_ids = torch.tensor(blocks[:-(-ctx // self.block_size)], dtype=torch.long, device=dev)
+        q_pos = torch.arange(start, ctx, device=dev)
+        mask = torch.arange(ctx, device=dev)[None, :] <= q_pos[:, None]  # [n, ctx]
+        return PrefillSeq(row, row + n, start, block_ids, mask)
+
+    @staticmethod
+    def _to_tokens(requests: list[Request], result: SamplerOutput) -> dict[str, SampledToken]:
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        out: dict[str, SampledToken] = {}
+        for i, req in enumerate(requests):
+            lp = None
+            k = req.sampling_params.logprobs
+            if k is not None and logprobs is not None:
+                top = {}
+                if k and top_ids is not None and top_lps is not None:
+                    top = dict(zip(top_ids[i][:k], top_lps[i][:k]))
+                lp = Logprob(token_ids[i], logprobs[i], top)
+            out[req.request_id] = SampledToken(token_ids[i], lp)
+        return out
