@@ -379,6 +379,14 @@ def test_invalid_inputs_raise_value_error() -> None:
         Sampler()(torch.zeros(2, 11), batch)
 
 
+def test_half_precision_logits_give_float32_logprobs() -> None:
+    logits = random_logits(3, 30, seed=12).to(torch.bfloat16)
+    out = Sampler()(logits, build([SamplingParams(temperature=0.0, logprobs=2)] * 3, 30))
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+    assert out.logprobs is not None and out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits.float(), -1).amax(-1))
+
+
 def test_empty_batch() -> None:
     out = Sampler()(torch.zeros(0, 10), build([], 10))
     assert out.token_ids.shape == (0,)

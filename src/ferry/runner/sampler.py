@@ -298,11 +298,13 @@ class Sampler:
     """Samples one token per row; stateless, all per-request state lives in ``SamplingBatch``."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        # logits: [B, V] float32 -> token_ids [B]
+        # logits: [B, V] float32 (or half, upcast) -> token_ids [B]
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows \
                 or logits.shape[1] != batch.vocab_size:
             raise ValueError(f"logits must be [{batch.num_rows}, {batch.vocab_size}], "
                              f"got {list(logits.shape)}")
+        # NOTE: a half-precision lm_head still gets float32 sampling and logprobs; no-op for float32.
+        logits = logits.float()
         raw = logits
         if batch.needs_logit_processing:
             logits = apply_penalties(logits, batch)
