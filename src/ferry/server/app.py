@@ -1,0 +1,225 @@
+"""The FastAPI app factory. All state lives on ``app.state.ferry`` (a ``ServerState``); no globals.
+
+``build_app`` takes either a ready engine (already started) or a zero-argument loader. With a
+loader, the app starts answering at once (``/health`` says 503 while loading) and loads the model in
+a worker thread, so a slow load never blocks the HTTP server.
+
+Middleware, outermost first::
+
+    AccessLogMiddleware   one log line per request, x-request-id header
+    GuardMiddleware       draining -> 503, API key on /v1 -> 401, body size -> 413
+    FastAPI routes        /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ferry.config import SchedulerConfig, ServerConfig
+from ferry.server.admission import AdmissionController
+from ferry.server.errors import OpenAIError, install_error_handlers
+from ferry.server.logging import AccessLogMiddleware
+from ferry.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from ferry.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+EngineLoader = Callable[[], "AsyncEngine"]
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share. Mutated only on the event loop thread."""
+
+    config: ServerConfig
+    admission: AdmissionController
+    engine: AsyncEngine | None = None
+    metrics: ServerMetrics | None = None
+    served_model_name: str | None = None
+    load_error: str | None = None
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    owns_engine: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def set_engine(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.served_model_name = self.config.served_model_name or engine.model_name
+        self.metrics = ServerMetrics(self.served_model_name, engine.max_model_len, engine.stats)
+
+    def require_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            message = ("the model failed to load: " + self.load_error if self.load_error
+                       else "the model is still loading; retry shortly")
+            raise OpenAIError(503, message, code="model_not_ready", headers={"Retry-After": "1"})
+        return self.engine
+
+
+def get_state(app: Any) -> ServerState:
+    state = app.state.ferry
+    if not isinstance(state, ServerState):
+        raise RuntimeError("app.state.ferry is not a ServerState; build the app with build_app")
+    return state
+
+
+class GuardMiddleware:
+    """Checks that need no route: drain, API key, body size. Pure ASGI so it sees the raw stream."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        cfg = self.state.config
+        if self.state.draining and path != "/metrics":
+            await _send_error(send, OpenAIError(503, "the server is shutting down",
+                                                code="server_shutting_down",
+                                                headers={"Connection": "close"}))
+            return
+        if cfg.api_key and path.startswith("/v1"):
+            if not _authorized(scope, cfg.api_key):
+                await _send_error(send, OpenAIError(401, "Incorrect or missing API key.",
+                                                    code="invalid_api_key"))
+                return
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            declared = dict(scope.get("headers", [])).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+                await _send_error(send, _too_large(cfg.max_body_bytes))
+                return
+            body = await _read_body(receive, cfg.max_body_bytes)
+            if body is None:
+                await _send_error(send, _too_large(cfg.max_body_bytes))
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"request body exceeds the {limit}-byte limit",
+                       code="request_too_large", headers={"Connection": "close"})
+
+
+def _authorized(scope: Scope, api_key: str) -> bool:
+    header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              api_key.encode())
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it grows past ``limit`` (chunked uploads too)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands out the buffered body once, then defers to the real one (disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_error(send: Send, exc: OpenAIError) -> None:
+    payload = json.dumps(exc.body()).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(payload)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+async def _load(state: ServerState, loader: EngineLoader) -> None:
+    t0 = time.monotonic()
+    try:
+        engine = await asyncio.to_thread(loader)
+    except Exception as exc:  # reported on /health and by `ferry serve`'s exit code
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        logger.error("model load failed: %s", state.load_error, exc_info=exc)
+        return
+    state.owns_engine = True
+    state.set_engine(engine)
+    logger.info("model %s ready in %.1fs (max_model_len=%d)", state.served_model_name,
+                time.monotonic() - t0, engine.max_model_len)
+
+
+def build_app(engine: AsyncEngine | EngineLoader, config: ServerConfig, *,
+              max_num_seqs: int = SchedulerConfig.max_num_seqs) -> FastAPI:
+    """The HTTP app over ``engine``: a started ``AsyncEngine``, or a loader returning one.
+
+    ``max_num_seqs`` is the engine's batch size; admission lets ``max_num_seqs + config.max_queue``
+    sequences in flight (see ``ferry.server.admission``).
+    """
+    from ferry import __version__
+    from ferry.server.routes_admin import router as admin_router
+    from ferry.server.routes_openai import router as openai_router
+
+    state = ServerState(config=config,
+                        admission=AdmissionController(max_num_seqs=max_num_seqs,
+                                                      max_queue=config.max_queue))
+    loader: EngineLoader | None = None
+    if callable(engine) and not hasattr(engine, "generate"):
+        loader = engine
+    else:
+        state.set_engine(engine)  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_load(state, loader)) if loader is not None else None
+        app.state.load_task = task
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                # NOTE: a thread cannot be cancelled; wait for the load so its engine is shut down.
+                await asyncio.shield(task)
+            if state.owns_engine and state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(title="ferry", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
+    app.state.ferry = state
+    install_error_handlers(app)
+    app.include_router(openai_router)
+    app.include_router(admin_router)
+    app.add_middleware(GuardMiddleware, state=state)
+    app.add_middleware(AccessLogMiddleware)
+    return app

@@ -1,0 +1,191 @@
+"""`ferry serve`: flags -> ``EngineConfig`` + ``ServerConfig`` -> uvicorn, with a draining shutdown.
+
+Start-up: uvicorn binds at once and ``/health`` answers 503 while the model loads in a thread.
+Shutdown on SIGTERM/SIGINT: new requests get 503, running ones may finish for up to
+``--shutdown-timeout`` seconds, then the server stops and the process exits 0. A second signal stops
+at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+
+from ferry.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from ferry.server.app import ServerState, build_app, get_state
+from ferry.server.logging import configure_logging
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '512MiB', '2GB', '1.5gib' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 2GiB, 512MB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    defaults_s, defaults_c, defaults_m = ServerConfig(), CacheConfig(), ModelConfig()
+    defaults_sched = SchedulerConfig()
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=defaults_m.model,
+                   help="built-in model name, a .gguf file or a Hugging Face folder "
+                        "(default: %(default)s)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the name clients put in `model` (default: the model's own name)")
+    g.add_argument("--dtype", default=defaults_m.dtype, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=defaults_m.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length in tokens (default: the model's)")
+    g.add_argument("--seed", type=int, default=defaults_m.seed, help="engine seed")
+    e = parser.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=defaults_sched.max_num_seqs,
+                   help="sequences in the running batch (default: %(default)s)")
+    e.add_argument("--max-num-batched-tokens", type=int,
+                   default=defaults_sched.max_num_batched_tokens,
+                   help="token budget of one engine step (default: %(default)s)")
+    e.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes for the KV cache, e.g. 512MiB (default: a share of free memory)")
+    e.add_argument("--block-size", type=int, default=defaults_c.block_size,
+                   help="tokens per KV block (default: %(default)s)")
+    e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default=defaults_s.host, help="(default: %(default)s)")
+    s.add_argument("--port", type=int, default=defaults_s.port, help="(default: %(default)s)")
+    s.add_argument("--api-key", default=os.environ.get("FERRY_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: env "
+                        "FERRY_API_KEY; none: open)")
+    s.add_argument("--max-queue", type=int, default=defaults_s.max_queue,
+                   help="sequences that may wait beyond --max-num-seqs before new requests get "
+                        "429 (default: %(default)s)")
+    s.add_argument("--max-body-bytes", type=parse_bytes, default=defaults_s.max_body_bytes,
+                   help="largest request body; bigger ones get 413 (default: %(default)s)")
+    s.add_argument("--shutdown-timeout", type=float, default=defaults_s.shutdown_timeout,
+                   help="seconds running requests may finish after SIGTERM (default: %(default)s)")
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-format", default=defaults_s.log_format, choices=["text", "json"])
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    """Build (and so validate) the frozen configs; ValueError names the bad field."""
+    engine = EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                          max_model_len=args.max_model_len, seed=args.seed),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+    server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                          api_key=args.api_key or None, max_queue=args.max_queue,
+                          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                          log_format=args.log_format)
+    if server.max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {server.max_body_bytes}")
+    if server.shutdown_timeout < 0:
+        raise ValueError(f"shutdown_timeout must be >= 0, got {server.shutdown_timeout}")
+    return engine, server
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain phase before its own shutdown, and exit code 1 if the model fails."""
+
+    # NOTE: after the drain, uvicorn still waits this long for open connections to finish sending.
+    GRACE_S = 2.0
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        self._loop = asyncio.get_running_loop()
+        self._watch_task = self._loop.create_task(self._watch_load())
+        try:
+            await super().serve(sockets)
+        finally:
+            self._watch_task.cancel()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # NOTE: we do not record the signal in uvicorn's `_captured_signals`: uvicorn would re-raise
+        # it after serving, and the default SIGTERM action would turn our clean exit into -15.
+        if self._drain_task is not None or self._loop is None:
+            logger.warning("second signal %s: stopping now", signal.Signals(sig).name)
+            self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+            return
+        logger.info("signal %s: draining (no new requests, up to %.0fs for running ones)",
+                    signal.Signals(sig).name, self.state.config.shutdown_timeout)
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        if self._drain_task is None and self._loop is not None:
+            self._drain_task = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        self.state.draining = True
+        deadline = time.monotonic() + self.state.config.shutdown_timeout
+        while self.state.admission.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.state.admission.in_flight
+        if left:
+            logger.warning("shutdown timeout: aborting %d sequences still in flight", left)
+        self.should_exit = True
+
+    async def _watch_load(self) -> None:
+        while not self.should_exit:
+            if self.state.load_error is not None:
+                logger.error("exiting: the model failed to load")
+                self.exit_code = 1
+                self.should_exit = True
+                return
+            await asyncio.sleep(0.1)
+
+
+def _engine_loader(config: EngineConfig):  # type: ignore[no-untyped-def]
+    def load():  # type: ignore[no-untyped-def]
+        from ferry.engine.async_engine import AsyncEngine
+
+        engine = AsyncEngine.from_config(config)
+        engine.start()
+        return engine
+
+    return load
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        engine_config, server_config = configs_from_args(args)
+    except ValueError as exc:
+        print(f"ferry serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, server_config.log_format)
+    app = build_app(_engine_loader(engine_config), server_config,
+                    max_num_seqs=engine_config.scheduler.max_num_seqs)
+    uv_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                               log_config=None, access_log=False, lifespan="on",
+                               timeout_graceful_shutdown=DrainingServer.GRACE_S)
+    server = DrainingServer(uv_config, get_state(app))
+    asyncio.run(server.serve())
+    if not server.started and server.exit_code == 0:
+        return 1  # could not bind, or start-up failed; uvicorn logged why
+    return server.exit_code

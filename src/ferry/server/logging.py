@@ -1,0 +1,137 @@
+"""Request logging: one line per request (id, status, tokens, TTFT, total time), text or JSON.
+
+``AccessLogMiddleware`` puts a ``RequestLogInfo`` in the ASGI scope's state; routes fill in what
+they know (tokens, TTFT) and the middleware writes the line when the response's last byte is sent,
+so streamed responses are logged once, at their real end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ACCESS_LOGGER = "ferry.server.access"
+LOG_INFO_KEY = "ferry_log"
+_REQUEST_ID_HEADER = b"x-request-id"
+
+
+@dataclass
+class RequestLogInfo:
+    request_id: str
+    method: str
+    path: str
+    start: float = field(default_factory=time.monotonic)
+    status: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    ttft_s: float | None = None
+    error: str | None = None
+    logged: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "request_id": self.request_id, "method": self.method, "path": self.path,
+            "status": self.status,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1),
+            "total_ms": round((time.monotonic() - self.start) * 1000, 1),
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def log_info_of(scope: Scope) -> RequestLogInfo | None:
+    info = scope.get("state", {}).get(LOG_INFO_KEY)
+    return info if isinstance(info, RequestLogInfo) else None
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.logger = logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(_REQUEST_ID_HEADER)
+        request_id = given.decode("latin-1")[:128] if given else uuid.uuid4().hex
+        info = RequestLogInfo(request_id=request_id, method=scope["method"], path=scope["path"])
+        scope.setdefault("state", {})[LOG_INFO_KEY] = info
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                info.status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (_REQUEST_ID_HEADER, request_id.encode("latin-1"))]}
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._log(info)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if not info.logged:  # the response never completed: client gone or an error
+                if info.status is None:
+                    info.error = info.error or "no response sent"
+                elif info.error is None:
+                    info.error = "response incomplete"
+                self._log(info)
+
+    def _log(self, info: RequestLogInfo) -> None:
+        if info.logged:
+            return
+        info.logged = True
+        f = info.fields()
+        self.logger.info(
+            "%s %s %s %s prompt_tokens=%s completion_tokens=%s ttft_ms=%s total_ms=%s%s",
+            f["request_id"], f["method"], f["path"], f["status"], f["prompt_tokens"],
+            f["completion_tokens"], f["ttft_ms"], f["total_ms"],
+            f" error={info.error!r}" if info.error else "", extra={"ferry_fields": f})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, plus a request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "ferry_fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    """Root logging for `ferry serve`: one handler on stderr, text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # uvicorn's own access log would duplicate ours; its error log goes through the root handler.
+    logging.getLogger("uvicorn.access").disabled = True
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True

@@ -1,0 +1,228 @@
+"""Prometheus metrics in the ``ferry:`` namespace, named like vLLM's so its dashboards map one to one.
+
+Each app owns its own ``CollectorRegistry`` (no process-global default registry), so several apps
+can live in one process (tests) without clashing.
+
+Engine-side state (running/waiting, KV usage, preemptions, prefix-cache counters) is read from
+``engine.stats()`` at scrape time by a custom collector; request-side series (tokens, latencies,
+finish reasons) are recorded by the routes as outputs stream by.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ferry.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Buckets copied from vLLM's metrics so histograms line up with its dashboards.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def _token_buckets(max_model_len: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to the context length (vLLM's build_1_2_5_buckets)."""
+    out: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_model_len:
+                return tuple(out)
+            out.append(float(value))
+        exponent += 1
+
+
+class StatsSource(Protocol):
+    """What the collector needs from the engine's ``stats()`` result."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, get_stats: Callable[[], StatsSource | None], model_name: str) -> None:
+        self._get_stats = get_stats
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._get_stats()
+        if stats is None:  # model still loading: no engine series yet
+            return
+        labels = ["model_name"]
+        values = [self._model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, value)
+            return c
+
+        yield gauge("ferry:num_requests_running", "Requests in the engine's running batch.",
+                    stats.num_running)
+        yield gauge("ferry:num_requests_waiting", "Requests waiting in the engine's queue.",
+                    stats.num_waiting)
+        yield gauge("ferry:kv_cache_usage_perc", "KV-cache usage: 1 means every block is in use.",
+                    stats.kv_cache_usage)
+        yield counter("ferry:num_preemptions", "Cumulative preemptions by the scheduler.",
+                      stats.num_preemptions_total)
+        yield counter("ferry:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats.prefix_cache_queries_total)
+        yield counter("ferry:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      stats.prefix_cache_hits_total)
+
+
+@dataclass
+class _SeqState:
+    tokens: int = 0
+    finished: bool = False
+
+
+@dataclass
+class RequestRecorder:
+    """Follows one engine request's cumulative outputs and records its series once."""
+
+    metrics: ServerMetrics
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    prompt_tokens: int = 0
+    seqs: dict[int, _SeqState] = field(default_factory=dict)
+    done: bool = False
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(s.tokens for s in self.seqs.values())
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.start
+
+    def on_output(self, out: RequestOutput) -> None:
+        m = self.metrics
+        now = time.monotonic()
+        new_tokens = 0
+        for comp in out.outputs:
+            seq = self.seqs.setdefault(comp.index, _SeqState())
+            new_tokens += len(comp.token_ids) - seq.tokens
+            seq.tokens = len(comp.token_ids)
+            if comp.finish_reason is not None and not seq.finished:
+                seq.finished = True
+                m.request_success.labels(m.model_name, comp.finish_reason).inc()
+        if new_tokens > 0:
+            if self.first_token is None:
+                self.first_token = now
+                self.prompt_tokens = len(out.prompt_token_ids)
+                m.prompt_tokens.labels(m.model_name).inc(self.prompt_tokens)
+                m.ttft.labels(m.model_name).observe(now - self.start)
+                queue = _queue_time(out)
+                if queue is not None:
+                    m.queue_time.labels(m.model_name).observe(queue)
+            elif self.last_token is not None:
+                # NOTE: one engine step may bring several tokens (n > 1); each gets an equal share.
+                per_token = (now - self.last_token) / new_tokens
+                for _ in range(new_tokens):
+                    m.itl.labels(m.model_name).observe(per_token)
+            self.last_token = now
+            m.generation_tokens.labels(m.model_name).inc(new_tokens)
+        if out.finished and not self.done:
+            self.done = True
+            m.e2e.labels(m.model_name).observe(now - self.start)
+            m.request_prompt_tokens.labels(m.model_name).observe(len(out.prompt_token_ids))
+            m.request_generation_tokens.labels(m.model_name).observe(self.generated_tokens)
+
+
+def _queue_time(out: RequestOutput) -> float | None:
+    mt = out.metrics
+    if mt is None or mt.first_scheduled_time is None:
+        return None
+    return max(0.0, mt.first_scheduled_time - mt.arrival_time)
+
+
+class ServerMetrics:
+    """All series of one app, in the app's own registry."""
+
+    def __init__(self, model_name: str, max_model_len: int,
+                 get_stats: Callable[[], StatsSource | None]) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        labels = ["model_name"]
+        tokens = _token_buckets(max_model_len)
+        self.prompt_tokens = Counter("ferry:prompt_tokens", "Prefill tokens processed.", labels,
+                                     registry=r)
+        self.generation_tokens = Counter("ferry:generation_tokens", "Generation tokens produced.",
+                                         labels, registry=r)
+        self.request_success = Counter(
+            "ferry:request_success", "Finished sequences, by finish reason.",
+            [*labels, "finished_reason"], registry=r)
+        self.admission_rejections = Counter(
+            "ferry:admission_rejections", "Requests answered 429 by admission control.", labels,
+            registry=r)
+        self.ttft = Histogram("ferry:time_to_first_token_seconds",
+                              "Time from request arrival to its first token.", labels,
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("ferry:inter_token_latency_seconds", "Time between output tokens.",
+                             labels, buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("ferry:e2e_request_latency_seconds",
+                             "Time from request arrival to its last token.", labels,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("ferry:request_queue_time_seconds",
+                                    "Time a request waited before its first schedule.", labels,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("ferry:request_prompt_tokens",
+                                               "Prompt tokens per request.", labels,
+                                               buckets=tokens, registry=r)
+        self.request_generation_tokens = Histogram("ferry:request_generation_tokens",
+                                                   "Generated tokens per request.", labels,
+                                                   buckets=tokens, registry=r)
+        r.register(_EngineStatsCollector(get_stats, model_name))
+
+    def recorder(self) -> RequestRecorder:
+        return RequestRecorder(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Tiny parser for tests and tools: ``'name{labels}' -> value`` for each sample line."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out
+
+
+def sample(samples: dict[str, float], name: str, **labels: Any) -> float:
+    """Sum of the samples named ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
