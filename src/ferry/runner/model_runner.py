@@ -84,6 +84,15 @@ class ModelRunner:
         result = self.sampler(logits, batch)
         return ModelRunnerOutput(self._to_tokens(requests, result))
 
+    @torch.inference_mode()
+    def all_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits for every scheduled token (prompt scoring and parity checks), writing the KV
+        cache as a normal step would. Rows follow ``out.scheduled`` when it holds no decodes."""
+        order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        input_ids, positions, meta, _ = self._prepare(order)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden)  # type: ignore[operator]  # [T, vocab]
+
     def _prepare(self, order: list[ScheduledRequest]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size
