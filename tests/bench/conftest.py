@@ -163,6 +163,17 @@ def fault_server() -> Iterator[ServerThread]:
 
 
 @pytest.fixture()
+def unreachable_url() -> str:
+    return f"http://127.0.0.1:{unused_port()}"
+
+
+@pytest.fixture()
+def no_usage_chunks() -> tuple[str, ...]:
+    """The text pieces the fault server streams for model ``no-usage``."""
+    return NO_USAGE_CHUNKS
+
+
+@pytest.fixture()
 def closing_port() -> Iterator[ClosingPort]:
     with ClosingPort() as port:
         yield port

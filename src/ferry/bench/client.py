@@ -221,8 +221,10 @@ async def send_request(client: httpx.AsyncClient, target: Target, spec: RequestS
     except httpx.ConnectError as e:
         return _failure(st, CONNECT_ERROR, f"cannot connect to {target.base_url}: {e}")
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
-        kind = STREAM_CUT if st.got_headers else DISCONNECTED
-        return _failure(st, kind, f"{type(e).__name__}: {e or 'connection closed'}")
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if st.got_headers:
+            return _failure(st, STREAM_CUT, f"the stream broke after {len(st.pieces)} text chunks ({detail})")
+        return _failure(st, DISCONNECTED, f"the server closed the connection before answering ({detail})")
     except ValueError as e:  # json.JSONDecodeError included
         return _failure(st, BAD_RESPONSE, f"not an OpenAI stream: {type(e).__name__}: {e}")
     except httpx.HTTPError as e:
