@@ -85,7 +85,9 @@ def validation_error_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
     """A pydantic error list -> one 400 naming the first offending field."""
     if not errors:
         return bad_request("invalid request body")
-    first = errors[0]
+    # NOTE: a union field reports one error per member ("not a string", "not a list", ...); our own
+    # validators' messages ("... is not supported") say more, so they win.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     param = _loc_to_param(tuple(first.get("loc", ())))
     cause = (first.get("ctx") or {}).get("error")
     if param is None and isinstance(getattr(cause, "param", None), str):
