@@ -1,0 +1,71 @@
+"""The gateway's FastAPI app factory; every piece of state hangs off the ``Gateway`` it builds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ferry.gateway.admin import admin_router
+from ferry.gateway.config import GatewayConfig
+from ferry.gateway.errors import error_response
+from ferry.gateway.proxy import InferenceHandler, bearer
+from ferry.gateway.state import Gateway
+
+
+def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, instance: str | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """Build a gateway app; raises ``ValueError`` naming the key when a secret it needs is missing."""
+    gw = Gateway(config, os.environ if env is None else env, instance, transport)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="ferry gateway", lifespan=lifespan)
+    app.state.gateway = gw
+    handler = InferenceHandler(gw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handler(request, "chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handler(request, "completions")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        secret = bearer(request)
+        key = None
+        if secret != gw.master_key:
+            key = await gw.db(gw.keys.lookup, secret) if secret else None
+            if key is None:
+                return error_response(401, "Incorrect or missing API key.", "invalid_request_error",
+                                      "invalid_api_key")
+        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "ferry-gateway"}
+                for m in config.models if key is None or key.allows(m.name)]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> Response:
+        backends = {b.name: {"location": b.location, "up": b.up, "inflight": b.inflight,
+                             "saturated": gw.router.saturated(b)} for b in gw.backends.values()}
+        status = "ok" if any(b.up for b in gw.backends.values()) else "degraded"
+        return JSONResponse({"status": status, "backends": backends})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(admin_router(gw))
+    return app

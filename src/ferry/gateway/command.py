@@ -1,0 +1,83 @@
+"""`ferry gateway --config F` serves; `ferry gateway check F` validates; `ferry gateway usage` reports."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ferry.gateway.config import ConfigError, describe, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("action", nargs="?", choices=("serve", "check", "usage"), default="serve",
+                        help="serve (default), check a config, or print usage from the ledger")
+    parser.add_argument("file", nargs="?", help="the config file (same as --config)")
+    parser.add_argument("--config", help="gateway YAML config")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4000)
+    parser.add_argument("--group-by", default="key", help="usage: key|team|backend|location|model|data_class|status")
+    parser.add_argument("--since", default=None, help="usage: unix seconds or an ISO-8601 time")
+    parser.add_argument("--log-level", default="info")
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    if args.file and args.config and args.file != args.config:
+        print("error: give the config once, as FILE or --config", file=sys.stderr)
+        return None
+    path = args.file or args.config
+    if path is None:
+        print("error: a config file is required (--config FILE)", file=sys.stderr)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    if path is None:
+        return 2
+    try:
+        config = load_config(path)
+    except FileNotFoundError:
+        print(f"error: {path}: no such file", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: {path}: {e}", file=sys.stderr)
+        return 1
+    missing = config.missing_env(os.environ)
+    if args.action == "check":
+        print(describe(config))
+        for m in missing:
+            print(f"error: {m}", file=sys.stderr)
+        if not missing:
+            print(f"{path}: OK")
+        return 1 if missing else 0
+    if args.action == "usage":
+        from ferry.gateway.admin import parse_since
+        from ferry.gateway.db import make_engine
+        from ferry.gateway.ledger import GROUP_BY, Ledger, format_usage
+
+        if args.group_by not in GROUP_BY:
+            print(f"error: --group-by must be one of {', '.join(GROUP_BY)}", file=sys.stderr)
+            return 2
+        try:
+            since = parse_since(args.since)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        engine = make_engine(config.database)
+        try:
+            print(format_usage(args.group_by, Ledger(engine, "cli").usage(args.group_by, since)))
+        finally:
+            engine.dispose()
+        return 0
+    if missing:
+        for m in missing:
+            print(f"error: {m}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    from ferry.gateway.app import create_app
+
+    app = create_app(config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

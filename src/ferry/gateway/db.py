@@ -1,0 +1,92 @@
+"""The gateway's database: virtual keys and the usage ledger (SQLAlchemy 2 Core).
+
+SQLite (embedded, the default) serves one gateway; PostgreSQL serves several instances that share
+limits, budgets and the ledger. Both sit behind the same tables; nothing here holds module state.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
+                        create_engine, event)
+from sqlalchemy.pool import StaticPool
+
+metadata = MetaData()
+
+keys_table = Table(
+    "ferry_gateway_keys", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("team", String(200), nullable=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_prefix", String(32), nullable=False),
+    Column("models", Text, nullable=True),  # JSON list; NULL = every model
+    Column("data_class", String(64), nullable=True),  # NULL = the config's default
+    Column("budget_usd", Float, nullable=True),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+ledger_table = Table(
+    "ferry_gateway_ledger", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),  # unix seconds when the request arrived
+    Column("key_id", String(32), nullable=True),
+    Column("key_name", String(200), nullable=True),
+    Column("team", String(200), nullable=True),
+    Column("model", String(200), nullable=True),  # the public model name
+    Column("backend", String(200), nullable=True),
+    Column("upstream_model", String(200), nullable=True),
+    Column("location", String(16), nullable=True),
+    Column("data_class", String(64), nullable=True),
+    Column("pii", Boolean, nullable=False, default=False),
+    Column("pii_kinds", String(200), nullable=True),
+    Column("stream", Boolean, nullable=False, default=False),
+    Column("admitted", Boolean, nullable=False, default=False),  # counted against RPM/TPM
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    Column("cost_usd", Float, nullable=False, default=0.0),
+    Column("ttft_s", Float, nullable=True),
+    Column("latency_s", Float, nullable=True),
+    Column("status", Integer, nullable=False),  # HTTP status sent to the client; 0 while in flight
+    Column("reason", Text, nullable=True),
+    Column("overflow", Boolean, nullable=False, default=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("instance", String(64), nullable=True),
+)
+Index("ix_ferry_gateway_ledger_key_ts", ledger_table.c.key_id, ledger_table.c.ts)
+Index("ix_ferry_gateway_ledger_team_ts", ledger_table.c.team, ledger_table.c.ts)
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (the driver the project installs)."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the tables created; SQLite writers serialize with BEGIN IMMEDIATE."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=StaticPool if memory else None)
+
+        # NOTE: pysqlite opens transactions lazily and only before writes, so a check-then-insert
+        # (admission under an RPM limit) could interleave between two gateways on one file. Taking the
+        # write lock at BEGIN makes each admission atomic, as SELECT … FOR UPDATE does on PostgreSQL.
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None
+            if not memory:
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    metadata.create_all(engine)
+    return engine

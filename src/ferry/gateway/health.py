@@ -1,0 +1,127 @@
+"""Circuit breakers and the background loops that check health and scrape load signals.
+
+    closed --N consecutive failures--> open --cooldown passed and a health check succeeds--> closed
+                                        ^  |
+                                        +--+ a failed health check re-arms the cooldown
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ferry.gateway.config import HealthConfig
+
+if TYPE_CHECKING:
+    from ferry.gateway.backends.base import Backend
+
+log = logging.getLogger("ferry.gateway")
+
+
+class CircuitBreaker:
+    def __init__(self, failure_threshold: int, cooldown: float) -> None:
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def allows(self) -> bool:
+        return self.opened_at is None
+
+    def record_failure(self, now: float | None = None) -> bool:
+        """Count a failure; returns True when this one opened (or re-armed) the circuit."""
+        now = time.monotonic() if now is None else now
+        self.failures += 1
+        if self.opened_at is not None or self.failures >= self.failure_threshold:
+            self.opened_at = now
+            return True
+        return False
+
+    def record_success(self) -> None:
+        """A request succeeded: the failure streak is over (an open circuit waits for a health check)."""
+        if self.opened_at is None:
+            self.failures = 0
+
+    def health_ok(self, now: float | None = None) -> bool:
+        """A health check passed; returns True when it closed the circuit."""
+        now = time.monotonic() if now is None else now
+        if self.opened_at is None:
+            self.failures = 0
+            return False
+        if now - self.opened_at >= self.cooldown:
+            self.opened_at = None
+            self.failures = 0
+            return True
+        return False
+
+
+class HealthMonitor:
+    """Background tasks: health checks every ``interval``, /metrics scrapes every ``scrape_interval``."""
+
+    def __init__(self, backends: Sequence[Backend], health: HealthConfig, scrape_interval: float,
+                 on_change: Callable[[], None]) -> None:
+        self._backends = backends
+        self._health = health
+        self._scrape_interval = scrape_interval
+        self._on_change = on_change
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="ferry-gateway-health"))
+        if any(b.config.scrape_url for b in self._backends):
+            self._tasks.append(asyncio.create_task(self._scrape_loop(), name="ferry-gateway-scrape"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks.clear()
+
+    async def check_once(self) -> None:
+        await asyncio.gather(*(self._check(b) for b in self._backends))
+
+    async def scrape_once(self) -> None:
+        await asyncio.gather(*(self._scrape(b) for b in self._backends if b.config.scrape_url))
+
+    async def _check(self, backend: Backend) -> None:
+        from ferry.gateway.backends.base import UpstreamError
+
+        try:
+            await backend.check_health()
+        except UpstreamError as e:
+            if backend.breaker.record_failure():
+                log.warning("backend %s is out: %s", backend.name, e)
+            return
+        if backend.breaker.health_ok():
+            log.info("backend %s is back", backend.name)
+            self._on_change()
+
+    async def _scrape(self, backend: Backend) -> None:
+        from ferry.gateway.backends.base import UpstreamError
+
+        try:
+            await backend.scrape()
+        except UpstreamError as e:
+            log.debug("scrape failed: %s", e)
+        self._on_change()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._health.interval)
+
+    async def _scrape_loop(self) -> None:
+        while True:
+            await self.scrape_once()
+            await asyncio.sleep(self._scrape_interval)

@@ -1,0 +1,98 @@
+"""The usage ledger: one row per request with every decision and its cost, on-prem priced too."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select, update
+
+from ferry.gateway.db import ledger_table
+
+GROUP_BY = ("key", "team", "backend", "location", "model", "data_class", "status")
+
+
+def cost_usd(prompt_tokens: int, completion_tokens: int, input_per_mtok: float, output_per_mtok: float) -> float:
+    return (prompt_tokens * input_per_mtok + completion_tokens * output_per_mtok) / 1e6
+
+
+@dataclass
+class Outcome:
+    """How a request ended; written over its pending row."""
+
+    status: int
+    backend: str | None = None
+    upstream_model: str | None = None
+    location: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    reason: str | None = None
+    overflow: bool = False
+    attempts: int = 0
+
+
+class Ledger:
+    def __init__(self, engine: Engine, instance: str) -> None:
+        self._engine = engine
+        self._instance = instance
+
+    def record(self, **row: Any) -> int:
+        """Insert a finished row (a request refused before it was admitted)."""
+        row.setdefault("ts", time.time())
+        row.setdefault("instance", self._instance)
+        with self._engine.begin() as conn:
+            return int(conn.execute(insert(ledger_table).values(**row)).inserted_primary_key[0])
+
+    def close(self, row_id: int, outcome: Outcome) -> None:
+        values = {k: v for k, v in vars(outcome).items()}
+        with self._engine.begin() as conn:
+            conn.execute(update(ledger_table).where(ledger_table.c.id == row_id).values(**values))
+
+    def rows(self, since: float | None = None) -> list[dict[str, Any]]:
+        q = select(ledger_table).order_by(ledger_table.c.id)
+        if since is not None:
+            q = q.where(ledger_table.c.ts >= since)
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def usage(self, group_by: str = "key", since: float | None = None) -> list[dict[str, Any]]:
+        """Requests, tokens, cost and overflow count per group, biggest spend first."""
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by: must be one of {GROUP_BY}, got {group_by!r}")
+        col = {"key": ledger_table.c.key_name}.get(group_by, ledger_table.c[group_by])
+        t = ledger_table.c
+        q = select(
+            col.label("group"),
+            func.count().label("requests"),
+            func.sum(func.cast(t.status == 200, ledger_table.c.prompt_tokens.type)).label("ok"),
+            func.coalesce(func.sum(t.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(t.completion_tokens), 0).label("completion_tokens"),
+            func.coalesce(func.sum(t.cost_usd), 0.0).label("cost_usd"),
+            func.sum(func.cast(t.overflow, ledger_table.c.prompt_tokens.type)).label("overflow"),
+        ).group_by(col).order_by(func.coalesce(func.sum(t.cost_usd), 0.0).desc())
+        if since is not None:
+            q = q.where(t.ts >= since)
+        with self._engine.connect() as conn:
+            out = []
+            for r in conn.execute(q):
+                d = dict(r._mapping)
+                d["ok"] = int(d["ok"] or 0)
+                d["overflow"] = int(d["overflow"] or 0)
+                d["prompt_tokens"] = int(d["prompt_tokens"])
+                d["completion_tokens"] = int(d["completion_tokens"])
+                d["cost_usd"] = float(d["cost_usd"])
+                out.append(d)
+        return out
+
+
+def format_usage(group_by: str, rows: list[dict[str, Any]]) -> str:
+    header = f"{group_by:<24} {'requests':>9} {'ok':>6} {'prompt':>10} {'completion':>11} {'cost_usd':>12} {'overflow':>9}"
+    lines = [header]
+    for r in rows:
+        lines.append(f"{str(r['group']):<24} {r['requests']:>9} {r['ok']:>6} {r['prompt_tokens']:>10} "
+                     f"{r['completion_tokens']:>11} {r['cost_usd']:>12.6f} {r['overflow']:>9}")
+    return "\n".join(lines)

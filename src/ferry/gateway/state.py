@@ -1,0 +1,60 @@
+"""Everything one gateway app owns, built from a config and an environment; no module globals."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import httpx
+
+from ferry.gateway.backends import Backend, make_backend
+from ferry.gateway.config import GatewayConfig
+from ferry.gateway.data_class import DataClassPolicy
+from ferry.gateway.db import make_engine
+from ferry.gateway.health import HealthMonitor
+from ferry.gateway.keys import KeyStore
+from ferry.gateway.ledger import Ledger
+from ferry.gateway.limits import Limits
+from ferry.gateway.metrics import GatewayMetrics
+from ferry.gateway.routing import Router, make_policy
+
+T = TypeVar("T")
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, env: Mapping[str, str], instance: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        missing = config.missing_env(env)
+        if missing:
+            raise ValueError("; ".join(missing))
+        self.config = config
+        self.instance = instance or secrets.token_hex(4)
+        self.master_key: str = env[config.master_key_env]
+        self.engine = make_engine(config.database)
+        self.keys = KeyStore(self.engine)
+        self.ledger = Ledger(self.engine, self.instance)
+        self.limits = Limits(self.engine, self.instance, {t.name: t.budget_usd for t in config.teams})
+        self.data_classes = DataClassPolicy(config)
+        self.backends: dict[str, Backend] = {b.name: make_backend(b, config.health, env, transport)
+                                             for b in config.backends}
+        self.router = Router(config, self.backends, make_policy(config.routing.policy))
+        self.metrics = GatewayMetrics(self.backends)
+        self.monitor = HealthMonitor(list(self.backends.values()), config.health, config.routing.metrics_interval,
+                                     self.router.notify)
+
+    async def start(self) -> None:
+        # NOTE: one scrape before serving, so the first requests already see the replicas' load.
+        await self.monitor.scrape_once()
+        self.monitor.start()
+
+    async def stop(self) -> None:
+        await self.monitor.stop()
+        await asyncio.gather(*(b.aclose() for b in self.backends.values()))
+        self.engine.dispose()
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking database call off the event loop."""
+        return await anyio.to_thread.run_sync(fn, *args)
