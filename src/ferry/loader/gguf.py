@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
@@ -49,6 +49,14 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # Tensors that carry no parameter of a llama-family model in HF terms.
 _IGNORED = {"rope_freqs.weight"}
+
+_Q = GGMLQuantizationType
+# Types gguf-py dequantizes (numpy); the common llama.cpp ones are tested.
+SUPPORTED_TYPES = frozenset({
+    _Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0, _Q.Q2_K, _Q.Q3_K, _Q.Q4_K,
+    _Q.Q5_K, _Q.Q6_K, _Q.IQ4_NL, _Q.IQ4_XS, _Q.IQ2_XXS, _Q.IQ2_XS, _Q.IQ2_S, _Q.IQ3_XXS, _Q.IQ3_S,
+    _Q.IQ1_S, _Q.IQ1_M, _Q.TQ1_0, _Q.TQ2_0,
+})
 
 # NOTE: GGUFReader reports a damaged file through whatever numpy or struct raised deep inside.
 _READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, struct.error)
@@ -201,6 +209,10 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     if missing or unexpected:
         raise ModelFormatError(
             f"{path}: tensors do not match the metadata: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for t in reader.tensors:
+        if t.name in names and t.tensor_type not in SUPPORTED_TYPES:
+            raise ModelFormatError(f"{path}: tensor {t.name} uses quantization {t.tensor_type.name}, "
+                                   "which is not supported")
     for hf, shape in got.items():
         if shape != expected[hf]:
             raise ModelFormatError(f"{path}: {hf} has shape {list(shape)}, metadata implies {list(expected[hf])}")
