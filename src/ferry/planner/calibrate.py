@@ -1,0 +1,321 @@
+"""``ferry plan --calibrate URL``: measure a live OpenAI-compatible server, fit the roofline's efficiency
+factors to what it measured, and store them in a profile that ``--profile FILE`` plans with.
+
+The sweep is short and bounded: at each concurrency ``C`` (closed loop: ``C`` workers, each sending its
+next request when the last one ends), a fixed number of streamed completions with ``ignore_eos`` so every
+request generates exactly ``output_tokens``; a deadline caps the whole sweep. Per level it records mean
+TTFT, mean ITL and output tokens/s.
+
+The fit searches the four factors (memory, compute, prefill efficiency; per-step overhead) on a log grid,
+then twice on finer grids around the best point, minimising the squared log-error of the predicted ITL,
+TTFT and output tok/s at every measured level (``throughput.serving_point``, vectorised below).
+NOTE: with few levels, a fixed per-step cost and slow weight streaming explain the data equally well;
+a small tie-break then prefers the larger overhead, which makes step time grow linearly with batch
+between the measured levels instead of bending at a guessed roofline knee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferry.planner.errors import PlannerError
+from ferry.planner.throughput import Efficiency, Replica, prefill_flops, serving_point
+
+PROFILE_VERSION = 1
+_WORDS = ("the of and to in is was for on that with as by at from they this which be have are not had one all "
+          "were but can when there been would their more about time some like them into only other these then "
+          "could first made most over people after many also water long little very down way day").split()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One concurrency level of the sweep (means over its requests)."""
+
+    concurrency: int
+    requests: int
+    prompt_tokens: float
+    output_tokens: float
+    ttft_s: float
+    itl_s: float
+    output_tok_s: float  # all output tokens of the level / the level's wall time
+    wall_s: float
+
+    def __post_init__(self) -> None:
+        if self.concurrency <= 0 or self.requests <= 0:
+            raise PlannerError("a measurement needs a positive concurrency and request count")
+        for name in ("ttft_s", "itl_s", "output_tok_s", "prompt_tokens", "output_tokens"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise PlannerError(f"measurement {name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Fitted efficiency factors and the measurements they came from."""
+
+    model: str  # what --model resolves (catalogue name or path)
+    gpu: str
+    dtype: str
+    kv_dtype: str
+    efficiency: Efficiency
+    prompt_tokens: int
+    output_tokens: int
+    measurements: tuple[Measurement, ...]
+    fit_rms_log_error: float
+    url: str = ""
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PROFILE_VERSION, "model": self.model, "gpu": self.gpu, "dtype": self.dtype,
+                "kv_dtype": self.kv_dtype, "efficiency": self.efficiency.to_dict(),
+                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "measurements": [asdict(m) for m in self.measurements],
+                "fit_rms_log_error": self.fit_rms_log_error, "url": self.url, "created": self.created}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_profile(path: str | Path) -> Profile:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise PlannerError(f"cannot read profile {str(path)!r}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise PlannerError(f"profile {str(path)!r} is not valid JSON: {e}") from e
+    try:
+        if data.get("version") != PROFILE_VERSION:
+            raise PlannerError(f"profile {str(path)!r}: unsupported version {data.get('version')!r}")
+        return Profile(model=str(data["model"]), gpu=str(data["gpu"]), dtype=str(data["dtype"]),
+                       kv_dtype=str(data["kv_dtype"]), efficiency=Efficiency(**data["efficiency"]),
+                       prompt_tokens=int(data["prompt_tokens"]), output_tokens=int(data["output_tokens"]),
+                       measurements=tuple(Measurement(**m) for m in data["measurements"]),
+                       fit_rms_log_error=float(data["fit_rms_log_error"]), url=str(data.get("url", "")),
+                       created=str(data.get("created", "")))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise PlannerError(f"profile {str(path)!r} is malformed: {e!r}") from e
+
+
+# ---- the fit --------------------------------------------------------------------------------------
+
+
+def predict_grid(r: Replica, batch: np.ndarray, prompt_tokens: float, output_tokens: float, mem: np.ndarray,
+                 comp: np.ndarray, pre: np.ndarray, overhead: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``serving_point`` (ITL, TTFT, output tok/s) over broadcast arrays of batches and factors."""
+    # batch: [..., K] levels; mem/comp/pre/overhead broadcast against it
+    kv = r.model.kv_bytes_per_token(r.kv_dtype.bytes)
+    context = prompt_tokens + output_tokens / 2
+    prompt = int(round(prompt_tokens))
+    t_mem = (r.weight_bytes + batch * context * kv) / (r.bandwidth * mem)
+    t_comp = batch * 2 * r.model.matmul_params / (r.flops * comp)
+    comm = np.vectorize(r.comm_time)(batch) if (r.tp > 1 or r.pp > 1) else 0.0
+    t_pm = prefill_flops(r.model, prompt) / (r.flops * pre)
+    itl = overhead + np.maximum(t_mem, t_comp) + comm + batch / output_tokens * t_pm
+    prefill = overhead + np.maximum(r.weight_bytes / (r.bandwidth * mem), t_pm) + r.comm_time(prompt)
+    ttft = prefill + (batch - 1) / batch * itl / 2
+    tok_s = batch * output_tokens / (ttft + (output_tokens - 1) * itl)
+    return itl, ttft, tok_s
+
+
+def _objective(r: Replica, ms: tuple[Measurement, ...], prompt: float, output: float, mem: np.ndarray,
+               comp: np.ndarray, pre: np.ndarray, overhead: np.ndarray) -> np.ndarray:
+    batch = np.array([m.concurrency for m in ms], dtype=float)
+    itl, ttft, tok_s = predict_grid(r, batch, prompt, output, mem[..., None], comp[..., None], pre[..., None],
+                                    overhead[..., None])
+    err = (np.log(itl / np.array([m.itl_s for m in ms])) ** 2 + np.log(ttft / np.array([m.ttft_s for m in ms])) ** 2
+           + np.log(tok_s / np.array([m.output_tok_s for m in ms])) ** 2)
+    return err.mean(axis=-1) / 3
+
+
+def fit_efficiency(r: Replica, measurements: tuple[Measurement, ...] | list[Measurement], *,
+                   prompt_tokens: float | None = None, output_tokens: float | None = None) -> tuple[Efficiency, float]:
+    """The efficiency factors that best reproduce ``measurements``; returns them and the RMS log error."""
+    ms = tuple(measurements)
+    if not ms:
+        raise PlannerError("calibration needs at least one measurement")
+    prompt = prompt_tokens if prompt_tokens is not None else sum(m.prompt_tokens for m in ms) / len(ms)
+    output = output_tokens if output_tokens is not None else sum(m.output_tokens for m in ms) / len(ms)
+    max_overhead = 0.99 * min(min(m.itl_s for m in ms), min(m.ttft_s for m in ms))
+    # log10 of the efficiencies and overhead as a share of max_overhead; searched then refined
+    lo, hi = np.array([-4.0, -4.0, -4.0, 0.0]), np.array([0.0, 0.0, 0.0, 1.0])
+    steps = np.array([20, 20, 20, 16])
+    best = (lo + hi) / 2
+    for _ in range(3):
+        axes = [np.linspace(lo[d], hi[d], steps[d]) for d in range(4)]
+        grid = np.meshgrid(*axes, indexing="ij")
+        mem, comp, pre = (10.0 ** g for g in grid[:3])
+        overhead = grid[3] * max_overhead
+        obj = _objective(r, ms, prompt, output, mem, comp, pre, overhead)
+        # NOTE: the tie-break toward larger overhead (module docstring) is a tiny bonus, far below
+        # any error the measurements can tell apart.
+        score = obj - 1e-5 * grid[3]
+        idx = np.unravel_index(np.argmin(score), score.shape)
+        best = np.array([axes[d][idx[d]] for d in range(4)])
+        width = (hi - lo) / (steps - 1)
+        lo = np.maximum(best - 2 * width, [-4.0, -4.0, -4.0, 0.0])
+        hi = np.minimum(best + 2 * width, [0.0, 0.0, 0.0, 1.0])
+        steps = np.array([13, 13, 13, 13])
+    eff = Efficiency(memory=float(10 ** best[0]), compute=float(10 ** best[1]), prefill=float(10 ** best[2]),
+                     step_overhead_s=float(best[3] * max_overhead))
+    rms = float(math.sqrt(_objective(r, ms, prompt, output, np.array(eff.memory), np.array(eff.compute),
+                                     np.array(eff.prefill), np.array(eff.step_overhead_s))))
+    return eff, rms
+
+
+def predicted_vs_measured(r: Replica, eff: Efficiency, ms: tuple[Measurement, ...], prompt_tokens: int,
+                          output_tokens: int) -> list[dict[str, float]]:
+    rows = []
+    for m in ms:
+        p = serving_point(r, m.concurrency, prompt_tokens, output_tokens, eff)
+        rows.append({"concurrency": m.concurrency, "measured_tok_s": m.output_tok_s, "predicted_tok_s": p.output_tok_s,
+                     "measured_itl_ms": m.itl_s * 1000, "predicted_itl_ms": p.itl_s * 1000,
+                     "measured_ttft_ms": m.ttft_s * 1000, "predicted_ttft_ms": p.ttft_s * 1000})
+    return rows
+
+
+# ---- the sweep ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    url: str  # base URL, with or without /v1
+    concurrencies: tuple[int, ...] = (1, 4)
+    requests_per_level: int | None = None  # None: 2 x concurrency, at least 3
+    prompt_tokens: int = 64
+    output_tokens: int = 32
+    timeout_s: float = 300.0  # the whole sweep
+    api_key: str | None = None
+    model: str | None = None  # the served model name; None: the first of GET /v1/models
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise PlannerError(f"--calibrate needs an http(s) URL, got {self.url!r}")
+        if not self.concurrencies or any(c <= 0 for c in self.concurrencies):
+            raise PlannerError(f"--calibrate-concurrency must list positive integers, got {self.concurrencies}")
+        if self.requests_per_level is not None and self.requests_per_level <= 0:
+            raise PlannerError("--calibrate-requests must be positive")
+        if self.prompt_tokens <= 0 or self.output_tokens < 2:
+            raise PlannerError("calibration needs prompt tokens >= 1 and output tokens >= 2")
+        if not 0 < self.timeout_s <= 3600:
+            raise PlannerError(f"--calibrate-timeout must be in (0, 3600] seconds, got {self.timeout_s}")
+
+    @property
+    def base(self) -> str:
+        u = self.url.rstrip("/")
+        return u if u.endswith("/v1") else u + "/v1"
+
+    def requests_at(self, concurrency: int) -> int:
+        return self.requests_per_level or max(3, 2 * concurrency)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    ttft_s: float
+    itl_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def synthetic_prompt(tokens: int) -> str:
+    """About ``tokens`` tokens of common words (one BPE token each in Llama-style vocabularies)."""
+    return " ".join(_WORDS[i % len(_WORDS)] for i in range(tokens))
+
+
+async def _one_request(client: Any, cfg: SweepConfig, model: str, deadline: float) -> _Timing:
+    body = {"model": model, "prompt": synthetic_prompt(cfg.prompt_tokens), "max_tokens": cfg.output_tokens,
+            "temperature": 0.0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    usage: dict[str, Any] = {}
+    timeout = max(1.0, deadline - time.monotonic())
+    async with client.stream("POST", cfg.base + "/completions", json=body, timeout=timeout) as resp:
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode(errors="replace")[:300]
+            raise PlannerError(f"calibration request failed: HTTP {resp.status_code}: {text}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("text"):
+                arrivals.append(time.perf_counter())
+    if len(arrivals) < 2:
+        raise PlannerError("calibration: the server streamed fewer than 2 tokens; does it honour ignore_eos?")
+    n_out = int(usage.get("completion_tokens") or len(arrivals))
+    n_in = int(usage.get("prompt_tokens") or cfg.prompt_tokens)
+    # NOTE: chunks may carry several tokens; spread the decode time over the tokens the usage reports.
+    itl = (arrivals[-1] - arrivals[0]) / max(1, n_out - 1)
+    return _Timing(arrivals[0] - start, itl, n_in, n_out)
+
+
+async def _level(client: Any, cfg: SweepConfig, model: str, concurrency: int, deadline: float) -> Measurement:
+    total = cfg.requests_at(concurrency)
+    remaining = [total]
+    timings: list[_Timing] = []
+
+    async def worker() -> None:
+        while remaining[0] > 0 and time.monotonic() < deadline:
+            remaining[0] -= 1
+            timings.append(await _one_request(client, cfg, model, deadline))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    if len(timings) < total:
+        raise PlannerError(f"calibration ran past --calibrate-timeout at concurrency {concurrency} "
+                           f"({len(timings)}/{total} requests done)")
+    n = len(timings)
+    return Measurement(concurrency=concurrency, requests=n, prompt_tokens=sum(t.prompt_tokens for t in timings) / n,
+                       output_tokens=sum(t.output_tokens for t in timings) / n,
+                       ttft_s=sum(t.ttft_s for t in timings) / n, itl_s=sum(t.itl_s for t in timings) / n,
+                       output_tok_s=sum(t.output_tokens for t in timings) / wall, wall_s=wall)
+
+
+async def measure(cfg: SweepConfig) -> tuple[str, list[Measurement]]:
+    """Run the sweep; returns the served model name and one measurement per concurrency."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    deadline = time.monotonic() + cfg.timeout_s
+    try:
+        async with httpx.AsyncClient(headers=headers, timeout=30.0) as client:
+            model = cfg.model
+            if model is None:
+                resp = await client.get(cfg.base + "/models")
+                if resp.status_code != 200:
+                    raise PlannerError(f"GET {cfg.base}/models: HTTP {resp.status_code}")
+                data = resp.json().get("data") or []
+                if not data:
+                    raise PlannerError(f"GET {cfg.base}/models lists no model")
+                model = str(data[0]["id"])
+            await _one_request(client, cfg, model, deadline)  # warm-up, not measured
+            results = [await _level(client, cfg, model, c, deadline) for c in cfg.concurrencies]
+    except httpx.HTTPError as e:
+        raise PlannerError(f"calibration against {cfg.url} failed: {type(e).__name__}: {e}") from e
+    return model, results
+
+
+def calibrate(cfg: SweepConfig, replica: Replica, model_ref: str) -> tuple[Profile, list[dict[str, float]]]:
+    """Measure, fit, and build the profile; also returns predicted-vs-measured rows for the report."""
+    _, ms = asyncio.run(measure(cfg))
+    prompt = round(sum(m.prompt_tokens for m in ms) / len(ms))
+    output = round(sum(m.output_tokens for m in ms) / len(ms))
+    eff, rms = fit_efficiency(replica, ms, prompt_tokens=prompt, output_tokens=output)
+    profile = Profile(model=model_ref, gpu=replica.gpu.name, dtype=replica.dtype.name, kv_dtype=replica.kv_dtype.name,
+                      efficiency=eff, prompt_tokens=prompt, output_tokens=output, measurements=tuple(ms),
+                      fit_rms_log_error=rms, url=cfg.url, created=datetime.now(timezone.utc).isoformat())
+    return profile, predicted_vs_measured(replica, eff, tuple(ms), prompt, output)
