@@ -256,7 +256,6 @@ class ServerThread:
         if self._server is None or self._thread is None:
             return
         self._server.should_exit = True
-        self._server.force_exit = True
         self._thread.join(timeout=10)
         if self._thread.is_alive():
             raise RuntimeError(f"server on port {self.port} did not stop")

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, case, func, insert, select, update
 
 from ferry.gateway.db import ledger_table
 
@@ -63,16 +63,16 @@ class Ledger:
         """Requests, tokens, cost and overflow count per group, biggest spend first."""
         if group_by not in GROUP_BY:
             raise ValueError(f"group_by: must be one of {GROUP_BY}, got {group_by!r}")
-        col = {"key": ledger_table.c.key_name}.get(group_by, ledger_table.c[group_by])
+        col = ledger_table.c.key_name if group_by == "key" else ledger_table.c[group_by]
         t = ledger_table.c
         q = select(
             col.label("group"),
             func.count().label("requests"),
-            func.sum(func.cast(t.status == 200, ledger_table.c.prompt_tokens.type)).label("ok"),
+            func.sum(case((t.status == 200, 1), else_=0)).label("ok"),
             func.coalesce(func.sum(t.prompt_tokens), 0).label("prompt_tokens"),
             func.coalesce(func.sum(t.completion_tokens), 0).label("completion_tokens"),
             func.coalesce(func.sum(t.cost_usd), 0.0).label("cost_usd"),
-            func.sum(func.cast(t.overflow, ledger_table.c.prompt_tokens.type)).label("overflow"),
+            func.sum(case((t.overflow.is_(True), 1), else_=0)).label("overflow"),
         ).group_by(col).order_by(func.coalesce(func.sum(t.cost_usd), 0.0).desc())
         if since is not None:
             q = q.where(t.ts >= since)
