@@ -261,21 +261,6 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[ServerProcess]:
-    """One tiny-model server per module: batch of 4, queue of 4, 1 KiB bodies... see flags."""
-    log = tmp_path_factory.mktemp("tiny-server") / "server.log"
-    server = ServerProcess(tiny_llama_dir, log, "--max-num-seqs", "4", "--max-queue", "4",
-                           "--kv-cache-memory", "16MiB", "--max-body-bytes", "65536",
-                           "--shutdown-timeout", "20")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
