@@ -199,3 +199,37 @@ def test_chat_template_errors_and_filters() -> None:
     sandbox = Tokenizer.from_gguf_metadata({**md, "tokenizer.chat_template": "{{ messages.append(1) }}"})
     with pytest.raises(ValueError, match="unsafe|access"):  # jinja SecurityError, re-raised
         sandbox.apply_chat_template([{"role": "user", "content": "a"}])
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_gguf_pre_tokenizer_split_and_add_bos_match_transformers(tmp_path: Path, gguf_tokenizer: Tokenizer,
+                                                                 smollm2_path: Path, pre: str) -> None:
+    """SmolLM2's vocabulary under another `tokenizer.ggml.pre` and add_bos_token=True."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    md = read_metadata(open_gguf(smollm2_path))
+    path = tmp_path / "tok.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(md["tokenizer.ggml.tokens"])
+    w.add_token_types(md["tokenizer.ggml.token_type"])
+    w.add_token_merges(md["tokenizer.ggml.merges"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path)))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert ours.add_bos
+    for text in TEXTS + ["x  \n\n  y", "I'VE got 1000000 cats!!!\n\n"]:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text), text
+        assert ids[0] == 1
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    # The split regex is really in use: SmolLM2's own (GPT-2) split tokenizes this differently.
+    assert ours.encode("x  \n\n  y", add_special_tokens=False) != gguf_tokenizer.encode("x  \n\n  y")

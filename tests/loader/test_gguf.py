@@ -20,10 +20,9 @@ from ferry.loader.gguf import load_gguf, unpermute_rope_rows
 
 @pytest.fixture(scope="module")
 def hf_model(smollm2_path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
+    from hf_reference import load_hf_gguf
 
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                dtype=torch.float32)
+    return load_hf_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")
