@@ -103,6 +103,10 @@ def fault_app() -> FastAPI:
             yield _sse(chunk("a"))
             yield _sse({"error": {"message": "out of blocks", "type": "server_error"}})
 
+        if model == "not-streaming":
+            return {"id": "x", "object": "chat.completion", "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                 "finish_reason": "stop"}]}
         streams = {"no-usage": no_usage, "cut": cut, "hang": hang, "garbage": garbage,
                    "stream-error": in_stream_error}
         if model not in streams:

@@ -44,6 +44,7 @@ def test_unreachable_port(unreachable_url: str, tmp_path: Path, capsys: pytest.C
     ("http-429", "http_429", "HTTP 429: slow down"),
     ("cut", "stream_cut", ""),
     ("garbage", "bad_response", "not an OpenAI stream"),
+    ("not-streaming", "bad_response", "expected an SSE stream, got application/json"),
     ("stream-error", "stream_error", "out of blocks"),
     ("hang", "timeout", "no complete answer within 0.5s"),
 ])

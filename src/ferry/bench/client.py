@@ -182,6 +182,13 @@ async def _stream(client: httpx.AsyncClient, target: Target, body: dict[str, Any
             return RequestResult(ok=False, start=st.start, e2e=time.perf_counter() - st.start,
                                  error_kind=f"http_{resp.status_code}",
                                  error=_error_message(resp.status_code, raw))
+        content_type = resp.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            raw = await resp.aread()
+            return RequestResult(ok=False, start=st.start, e2e=time.perf_counter() - st.start,
+                                 error_kind=BAD_RESPONSE,
+                                 error=f"expected an SSE stream, got {content_type or 'no content-type'}: "
+                                       f"{raw[:120].decode('utf-8', 'replace')}")
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue  # SSE comments, event names and blank separators
