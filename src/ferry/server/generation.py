@@ -19,7 +19,7 @@ from ferry.outputs import RequestOutput
 from ferry.sampling_params import SamplingParams
 from ferry.server.admission import AdmissionRejected, RequestTooLarge
 from ferry.server.errors import OpenAIError, bad_request
-from ferry.server.logging import LOG_INFO_KEY, RequestLogInfo
+from ferry.server.logging import RequestLogInfo, log_info_of
 from ferry.server.metrics import RequestRecorder
 from ferry.server.streaming import merge_streams
 
@@ -124,8 +124,7 @@ class Generation:
 
 
 def log_info(request: Request) -> RequestLogInfo | None:
-    info = request.scope.get("state", {}).get(LOG_INFO_KEY)
-    return info if isinstance(info, RequestLogInfo) else None
+    return log_info_of(request.scope)
 
 
 async def _until_disconnect(request: Request) -> None:
