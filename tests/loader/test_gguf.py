@@ -405,6 +405,7 @@ def test_unpermute_inverts_ggml_permute() -> None:
     ({"extra": {"blk.0.attn_rot_embd.weight": Q.F32}}, "unsupported GGUF tensor"),
     ({"types": {"blk.0.ffn_down.weight": Q.Q8_K}}, "Q8_K"),
     ({"arch": "gpt2"}, "unsupported GGUF architecture"),
+    ({"extra": {"rope_freqs.weight": Q.F32}}, "rope_freqs"),
 ])
 def test_inconsistent_files_are_format_errors(tmp_path: Path, case: dict[str, Any], match: str) -> None:
     path = tmp_path / "bad.gguf"

@@ -8,7 +8,6 @@ SmolLM) and ``qwen2``. llama.cpp's converter permutes llama's q/k rows into GGML
 
 from __future__ import annotations
 
-import logging
 import re
 import struct
 from collections.abc import Iterator, Mapping
@@ -24,8 +23,6 @@ from tqdm.auto import tqdm
 from ferry.config import ArchConfig
 from ferry.engine.tokenizer import Tokenizer
 from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
-
-logger = logging.getLogger(__name__)
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _ROPE_PERMUTED = {"llama"}  # architectures whose q/k llama.cpp stores in GGML rope order
@@ -47,7 +44,7 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-# Tensors that carry no parameter of a llama-family model in HF terms.
+# Tensors that carry no parameter of a llama-family model in HF terms (rejected in arch_from_metadata).
 _IGNORED = {"rope_freqs.weight"}
 
 _Q = GGMLQuantizationType
@@ -160,8 +157,8 @@ def arch_from_metadata(fields: Mapping[str, Any], tensors: Mapping[str, tuple[in
         rope_scaling = {"rope_type": "linear", "factor": get("rope.scale_linear", kind=float)}
     if "rope_freqs.weight" in tensors:
         # NOTE: llama-3.1 style files store per-dimension rope frequency factors as a tensor rather
-        # than metadata; they are not applied (exact below the original context length).
-        logger.warning("GGUF rope_freqs tensor (llama3 rope scaling) is ignored")
+        # than metadata. They change every position's rotation, so ignoring them would be wrong.
+        raise ModelFormatError("GGUF files with a rope_freqs tensor (llama-3.1 rope scaling) are not supported")
     try:
         return ArchConfig(
             architecture=_ARCHITECTURES[arch],
