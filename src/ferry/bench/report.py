@@ -98,26 +98,23 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_tables(points: Sequence[PointResult]) -> str:
-    """A throughput table and a latency table (ms), one row per URL x load point."""
+    """A throughput table, then one latency table (ms) per metric; one row per URL x load point."""
     thr_header = ["server", "load", "ok", "failed", "req/s", "out tok/s", "total tok/s", "goodput", "tokens"]
     thr_rows = []
-    lat_header = ["server", "load", "TTFT mean", "p50", "p90", "p99", "TPOT mean", "p50", "p99",
-                  "ITL p50", "p99", "E2E mean", "p50", "p99"]
-    lat_rows = []
     for p in points:
         m = p.metrics
         sources = ",".join(m.token_sources) or "-"
         thr_rows.append([p.target.label, p.load.label, str(m.ok), str(m.failed), _fmt(m.request_throughput, 2),
                          _fmt(m.output_throughput), _fmt(m.total_throughput), _fmt(m.goodput, 2), sources])
-        t, o, i, e = m.ttft, m.tpot, m.itl, m.e2e
-        lat_rows.append([
-            p.target.label, p.load.label,
-            _fmt(t and t.mean), _fmt(t and t.p50), _fmt(t and t.p90), _fmt(t and t.p99),
-            _fmt(o and o.mean), _fmt(o and o.p50), _fmt(o and o.p99),
-            _fmt(i and i.p50), _fmt(i and i.p99),
-            _fmt(e and e.mean), _fmt(e and e.p50), _fmt(e and e.p99),
-        ])
-    return (_table(thr_header, thr_rows) + "\n\nlatency (ms)\n" + _table(lat_header, lat_rows))
+    parts = [_table(thr_header, thr_rows)]
+    for title, attr in (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E", "e2e")):
+        rows = []
+        for p in points:
+            st = getattr(p.metrics, attr)
+            rows.append([p.target.label, p.load.label,
+                         *(_fmt(getattr(st, k)) if st is not None else "-" for k in ("mean", "p50", "p90", "p99"))])
+        parts.append(_table(["server", "load", f"{title} ms mean", "p50", "p90", "p99"], rows))
+    return "\n\n".join(parts)
 
 
 def format_summary(points: Sequence[PointResult]) -> str:
