@@ -1,0 +1,112 @@
+"""`ferry models`, `ferry generate "prompt"` and `ferry chat` (interactive, streamed)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from ferry.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "models":
+        return
+    if command == "generate":
+        parser.add_argument("prompt", help="the prompt (sent through the chat template unless --raw)")
+        parser.add_argument("--raw", action="store_true", help="complete the text as is, no chat template")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="built-in name, .gguf file or Hugging Face folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--system", default=None, help="a system message for the chat template")
+    parser.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="KV pool bytes")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "models":
+        return _models()
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        llm = _load(args)
+    except ValueError as exc:  # bad option, unknown model, corrupt file: one clear line
+        print(f"ferry {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "generate":
+        return _generate(llm, args, params)
+    return _chat(llm, args, params)
+
+
+def _models() -> int:
+    from ferry.loader import list_models
+
+    for m in list_models():
+        state = f"installed at {m.path}" if m.installed else f"not installed ({m.install_hint})"
+        print(f"{m.name:28} {m.description}\n{'':28} {state}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from ferry import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device,
+               kv_cache_memory=args.kv_cache_memory)
+
+
+def _messages(args: argparse.Namespace, history: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": args.system}] if args.system else []) + history
+
+
+def _generate(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int:
+    if args.raw:
+        out = llm.generate(args.prompt, params)[0]
+    else:
+        out = llm.chat(_messages(args, [{"role": "user", "content": args.prompt}]), params)[0]
+    print(out.outputs[0].text)
+    return 0
+
+
+def _chat(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int:
+    engine = llm.engine
+    history: list[dict[str, str]] = []
+    print("ferry chat: type a message, or /exit to quit.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = llm.tokenizer.encode_chat(_messages(args, history))
+        request_id = f"chat-{turn}"
+        turn += 1
+        try:
+            engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
+        shown = 0
+        text = ""
+        while engine.has_unfinished():
+            for out in engine.step():
+                text = out.outputs[0].text
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+        print()
+        history.append({"role": "assistant", "content": text})
