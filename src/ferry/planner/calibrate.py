@@ -11,7 +11,9 @@ then twice on finer grids around the best point, minimising the squared log-erro
 TTFT and output tok/s at every measured level (``throughput.serving_point``, vectorised below).
 NOTE: with few levels, a fixed per-step cost and slow weight streaming explain the data equally well;
 a small tie-break then prefers the larger overhead, which makes step time grow linearly with batch
-between the measured levels instead of bending at a guessed roofline knee.
+between the measured levels instead of bending at a guessed roofline knee. Factors the data leaves
+open (a GPU measured only while memory-bound says nothing of its compute efficiency) lean, just as
+weakly, toward the defaults of ``throughput.default_efficiency``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ferry.planner.errors import PlannerError
-from ferry.planner.throughput import Efficiency, Replica, prefill_flops, serving_point
+from ferry.planner.throughput import Efficiency, Replica, default_efficiency, prefill_flops, serving_point
 
 PROFILE_VERSION = 1
 _WORDS = ("the of and to in is was for on that with as by at from they this which be have are not had one all "
@@ -139,6 +141,7 @@ def _objective(r: Replica, ms: tuple[Measurement, ...], prompt: float, output: f
 def fit_efficiency(r: Replica, measurements: tuple[Measurement, ...] | list[Measurement], *,
                    prompt_tokens: float | None = None, output_tokens: float | None = None) -> tuple[Efficiency, float]:
     """The efficiency factors that best reproduce ``measurements``; returns them and the RMS log error."""
+    prior_eff = default_efficiency(r.gpu)
     ms = tuple(measurements)
     if not ms:
         raise PlannerError("calibration needs at least one measurement")
@@ -155,9 +158,12 @@ def fit_efficiency(r: Replica, measurements: tuple[Measurement, ...] | list[Meas
         mem, comp, pre = (10.0 ** g for g in grid[:3])
         overhead = grid[3] * max_overhead
         obj = _objective(r, ms, prompt, output, mem, comp, pre, overhead)
-        # NOTE: the tie-break toward larger overhead (module docstring) is a tiny bonus, far below
-        # any error the measurements can tell apart.
-        score = obj - 1e-5 * grid[3]
+        # NOTE: tie-breaks, far below any error the measurements can tell apart: toward larger overhead
+        # (module docstring) and toward the default factors for what the data leaves open (e.g. the compute
+        # efficiency of a GPU whose measured levels were all memory-bound).
+        prior = sum((g - math.log10(d)) ** 2 for g, d in zip(grid[:3], (prior_eff.memory, prior_eff.compute,
+                                                                           prior_eff.prefill)))
+        score = obj - 1e-5 * grid[3] + 1e-6 * prior
         idx = np.unravel_index(np.argmin(score), score.shape)
         best = np.array([axes[d][idx[d]] for d in range(4)])
         width = (hi - lo) / (steps - 1)
@@ -285,14 +291,17 @@ async def _level(client: Any, cfg: SweepConfig, model: str, concurrency: int, de
                        output_tok_s=sum(t.output_tokens for t in timings) / wall, wall_s=wall)
 
 
-async def measure(cfg: SweepConfig) -> tuple[str, list[Measurement]]:
-    """Run the sweep; returns the served model name and one measurement per concurrency."""
+async def measure(cfg: SweepConfig, transport: Any = None) -> tuple[str, list[Measurement]]:
+    """Run the sweep; returns the served model name and one measurement per concurrency.
+
+    ``transport``: an ``httpx`` transport to use instead of the network (tests).
+    """
     import httpx
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     deadline = time.monotonic() + cfg.timeout_s
     try:
-        async with httpx.AsyncClient(headers=headers, timeout=30.0) as client:
+        async with httpx.AsyncClient(headers=headers, timeout=30.0, transport=transport) as client:
             model = cfg.model
             if model is None:
                 resp = await client.get(cfg.base + "/models")

@@ -365,6 +365,16 @@ _GGUF_FILE_TYPES = {0: "fp32", 1: "fp16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 15: "
 
 def model_from_gguf(path: Path) -> ModelSpec:
     """Read the shape from GGUF metadata and the exact parameter count and bytes from its tensor table."""
+    try:
+        st = Path(path).stat()
+    except OSError as e:
+        raise PlannerError(f"cannot read GGUF file {str(path)!r}: {e}") from e
+    # NOTE: reading the metadata parses the whole token list (seconds); a changed file has a new key.
+    return _model_from_gguf(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _model_from_gguf(path: str, mtime_ns: int, size: int) -> ModelSpec:
     from gguf import GGUFReader  # NOTE: imported here: only GGUF inputs pay for it
 
     try:
