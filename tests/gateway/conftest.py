@@ -75,7 +75,11 @@ class GatewayHarness:
 
         return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
 
-    def ledger(self) -> list[dict[str, Any]]:
+    def ledger(self, settled: bool = True) -> list[dict[str, Any]]:
+        """The ledger's rows; ``settled`` waits out rows still in flight (a stream's row is written
+        just after its last byte, so a client can finish reading before it lands)."""
+        if settled:
+            self.wait_for(lambda: all(r["status"] != 0 for r in self.gw.ledger.rows()), what="ledger rows")
         return self.gw.ledger.rows()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
