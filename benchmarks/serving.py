@@ -199,7 +199,7 @@ def main() -> int:
     if args.markdown:
         md = [f"Measured {time.strftime('%Y-%m-%d')} on {machine['cpu']} ({machine['cpu_count']} CPUs, "
               f"{machine['memory_gib']} GiB, GPUs: {', '.join(machine['gpus']) or 'none'}), "
-              f"{args.threads} threads per server, model {gguf.name}, {args.output_len} output tokens "
+              f"{args.threads} thread(s) per server, model {gguf.name}, {args.output_len} output tokens "
               f"(ignore_eos), built-in prompts, requests per point = max({args.min_requests}, "
               f"{args.rounds} x concurrency).", "", ratios, "", *[f"- {v}" for v in verdicts], "",
               "```", tables, "```", ""]
