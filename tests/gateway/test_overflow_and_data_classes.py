@@ -33,8 +33,8 @@ def test_light_load_stays_on_prem(upstreams, gateway) -> None:
 
 
 def test_saturation_overflows_to_cloud_at_once_and_drains_back(upstreams, gateway) -> None:
-    onprem, srv_on = upstreams("rack", token_delay=0.15)
-    cloud, srv_cloud = upstreams("cloud", token_delay=0.15)
+    onprem, srv_on = upstreams("rack", delay=1.5)  # slow enough that all six overlap
+    cloud, srv_cloud = upstreams("cloud")
     gw = gateway([backend("rack", srv_on, "onprem", max_concurrency=2),
                   backend("cloud", srv_cloud, "cloud", kind="openai", max_concurrency=16)])
     client = gw.openai(gw.create_key())
@@ -51,6 +51,7 @@ def test_saturation_overflows_to_cloud_at_once_and_drains_back(upstreams, gatewa
     metrics = httpx.get(gw.url + "/metrics").text
     assert f"ferry_gateway:overflow_total {float(by_backend.count('cloud'))}" in metrics
     # room again: the next requests drain back on-prem
+    onprem.delay = 0.0
     before = cloud.requests
     for _ in range(3):
         assert _ask(client)[0] == "rack"

@@ -86,8 +86,23 @@ def test_circuit_breaker_states() -> None:
     br.record_success()
     assert not br.record_failure(now=1) and br.record_failure(now=2) and not br.allows()
     assert not br.health_ok(now=5) and not br.allows()  # still cooling down
-    assert br.record_failure(now=6)  # a failed check re-arms the cooldown
-    assert not br.health_ok(now=15) and br.health_ok(now=16) and br.allows() and br.failures == 0
+    assert br.health_failed(now=6)  # a failed check re-arms the cooldown
+    assert not br.health_ok(now=15) and br.health_ok(now=16) and br.allows() and br.half_open
+    assert br.record_failure(now=17) and not br.allows()  # half-open: one failure is enough
+    assert br.health_ok(now=27) and br.allows()
+    br.record_success()
+    assert not br.half_open and not br.record_failure(now=28) and br.allows()
+
+
+def test_health_and_request_failures_count_apart() -> None:
+    br = CircuitBreaker(failure_threshold=2, cooldown=10)
+    br.record_failure(now=0)
+    br.health_ok(now=1)  # /models answers, but completions fail: still counted
+    assert br.record_failure(now=2) and not br.allows()
+    br = CircuitBreaker(failure_threshold=2, cooldown=10)
+    br.health_failed(now=0)
+    br.record_success()  # a request got through, the health endpoint still fails twice in a row
+    assert br.health_failed(now=1) and not br.allows()
 
 
 async def test_reserve_waits_for_room_then_times_out() -> None:

@@ -191,6 +191,8 @@ def make_upstream(state: UpstreamState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Response:
+        if state.fail_status is not None and state.fail_count is None:  # broken for good: health fails too
+            return JSONResponse({"error": {"message": "down"}}, status_code=state.fail_status)
         return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
                                                          "owned_by": state.name}]})
 

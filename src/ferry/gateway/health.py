@@ -1,8 +1,13 @@
 """Circuit breakers and the background loops that check health and scrape load signals.
 
-    closed --N consecutive failures--> open --cooldown passed and a health check succeeds--> closed
-                                        ^  |
-                                        +--+ a failed health check re-arms the cooldown
+    closed --N consecutive failures--> open --cooldown passed and a health check succeeds--> half-open
+                                        ^  |                                                      |
+                                        +--+ a failed health check re-arms the cooldown           |
+                                        ^                                                         |
+                                        +------------- one request failure -----------------------+
+    half-open --a request succeeds--> closed
+
+Health checks never reset a closed circuit's failure count: only a successful request does.
 """
 
 from __future__ import annotations
@@ -22,11 +27,17 @@ log = logging.getLogger("ferry.gateway")
 
 
 class CircuitBreaker:
+    """Request failures and health-check failures are counted apart: a backend whose ``/models``
+    answers while its completions fail must still go out, and a flaky health check must not be
+    forgiven by a successful request."""
+
     def __init__(self, failure_threshold: int, cooldown: float) -> None:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
-        self.failures = 0
+        self.failures = 0  # consecutive request failures
+        self.health_failures = 0  # consecutive failed health checks
         self.opened_at: float | None = None
+        self.half_open = False
 
     @property
     def is_open(self) -> bool:
@@ -35,31 +46,43 @@ class CircuitBreaker:
     def allows(self) -> bool:
         return self.opened_at is None
 
+    def _open(self, now: float | None) -> bool:
+        self.opened_at = time.monotonic() if now is None else now
+        self.half_open = False
+        return True
+
     def record_failure(self, now: float | None = None) -> bool:
-        """Count a failure; returns True when this one opened (or re-armed) the circuit."""
-        now = time.monotonic() if now is None else now
+        """A request failed; returns True when this opened (or re-armed) the circuit."""
         self.failures += 1
-        if self.opened_at is not None or self.failures >= self.failure_threshold:
-            self.opened_at = now
-            return True
+        if self.opened_at is not None or self.half_open or self.failures >= self.failure_threshold:
+            return self._open(now)
         return False
 
     def record_success(self) -> None:
-        """A request succeeded: the failure streak is over (an open circuit waits for a health check)."""
+        """A request succeeded: the failure streak is over and a half-open circuit closes for good."""
         if self.opened_at is None:
             self.failures = 0
+            self.half_open = False
+
+    def health_failed(self, now: float | None = None) -> bool:
+        """A health check failed; returns True when this opened (or re-armed) the circuit."""
+        self.health_failures += 1
+        if self.opened_at is not None or self.health_failures >= self.failure_threshold:
+            return self._open(now)
+        return False
 
     def health_ok(self, now: float | None = None) -> bool:
-        """A health check passed; returns True when it closed the circuit."""
+        """A health check passed; returns True when it moved an open circuit to half-open."""
         now = time.monotonic() if now is None else now
-        if self.opened_at is None:
-            self.failures = 0
+        self.health_failures = 0
+        if self.opened_at is None or now - self.opened_at < self.cooldown:
             return False
-        if now - self.opened_at >= self.cooldown:
-            self.opened_at = None
-            self.failures = 0
-            return True
-        return False
+        # NOTE: half-open: a health check cannot prove that inference works, so the first request
+        # failure after coming back opens the circuit again at once.
+        self.opened_at = None
+        self.failures = 0
+        self.half_open = True
+        return True
 
 
 class HealthMonitor:
@@ -100,7 +123,7 @@ class HealthMonitor:
         try:
             await backend.check_health()
         except UpstreamError as e:
-            if backend.breaker.record_failure():
+            if backend.breaker.health_failed():
                 log.warning("backend %s is out: %s", backend.name, e)
             return
         if backend.breaker.health_ok():

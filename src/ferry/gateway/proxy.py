@@ -336,6 +336,7 @@ class InferenceHandler:
         finally:
             await resp.aclose()
             self.gw.router.release(backend)
+        backend.breaker.record_success()  # it answered: the request was wrong, not the backend
         await ctx.finish(self._outcome(res, resp.status_code, None, reason=raw.decode(errors="replace")[:500]))
         return Response(raw, status_code=resp.status_code, media_type="application/json",
                         headers=self._headers(ctx, res))
