@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from ferry_server import ServerProcess, free_port
 
 NO_USAGE_CHUNKS = ("Hello", " there", ",", " friend", "!")
 
@@ -151,9 +147,7 @@ class ClosingPort:
 
 def unused_port() -> int:
     """A loopback port with nothing listening (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -188,46 +182,8 @@ def closing_port() -> Iterator[ClosingPort]:
         yield port
 
 
-class FerryServe:
-    """The real `ferry serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, model: Path, log_path: Path) -> None:
-        self.port = unused_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ferry.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--kv-cache-memory", "64MiB", "--log-level", "warning"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        self._log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def __enter__(self) -> "FerryServe":
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ferry serve exited {self.proc.returncode}: {self._log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.2)  # not listening yet
-                continue
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError(f"ferry serve not ready: {self._log_path.read_text()[-3000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
-def ferry_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryServe]:
-    with FerryServe(tiny_llama_dir, tmp_path_factory.mktemp("ferry-serve") / "serve.log") as server:
+def ferry_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("ferry-serve") / "serve.log"
+    with ServerProcess(tiny_llama_dir, log, "--kv-cache-memory", "64MiB", "--log-level", "warning") as server:
         yield server

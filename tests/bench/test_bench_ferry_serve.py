@@ -13,7 +13,7 @@ from ferry.cli import main
 
 def test_bench_ferry_serve_both_endpoints(ferry_server: Any, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    rc = main(["bench", "--no-progress", "--url", ferry_server.url, "--label", "ferry", "--concurrency", "1,4",
+    rc = main(["bench", "--no-progress", "--url", ferry_server.base_url, "--label", "ferry", "--concurrency", "1,4",
                "--num-requests", "8", "--max-tokens", "12", "--ignore-eos", "--out", str(out)])
     assert rc == 0
     records = json.loads(out.read_text())["records"]
@@ -21,7 +21,7 @@ def test_bench_ferry_serve_both_endpoints(ferry_server: Any, tmp_path: Path) -> 
         assert (r["ok"], r["failed"], r["token_sources"]) == (8, 0, {"usage": 8})
         assert r["total_output_tokens"] == 8 * 12  # ignore_eos: exactly max_tokens each
         assert r["ttft_ms"]["count"] == 8 and r["itl_ms"]["count"] > 0
-    rc = main(["bench", "--no-progress", "--url", ferry_server.url, "--endpoint", "completions",
+    rc = main(["bench", "--no-progress", "--url", ferry_server.base_url, "--endpoint", "completions",
                "--request-rate", "inf", "--num-requests", "6", "--dataset", "synthetic", "--input-len", "20",
                "--output-len", "10", "--ignore-eos", "--out", str(out)])
     r = json.loads(out.read_text())["records"][0]
