@@ -118,3 +118,21 @@ def test_client_disconnect_before_the_response_cancels_upstream(upstreams, gatew
     gw.wait_for(lambda: a.cancelled == 1 and a.running == 0, what="upstream cancel")
     gw.wait_for(lambda: gw.ledger(settled=False)[0]["status"] == 499, what="ledger row")
     assert gw.gw.backends["a"].inflight == 0
+
+
+def test_client_disconnect_while_queued_never_reaches_upstream(upstreams, gateway) -> None:
+    a, srv_a = upstreams("a", token_delay=0.5)
+    gw = gateway([backend("a", srv_a, "onprem", max_concurrency=1)], routing={"queue_timeout": 30})
+    key = gw.create_key()
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", gw.url + "/v1/chat/completions", headers=headers,
+                         json={"model": "chat", "messages": MSG, "stream": True}):
+            gw.wait_for(lambda: a.running == 1, what="the slot to be taken")
+            with pytest.raises(httpx.ReadTimeout):  # queued behind it, then gone
+                httpx.post(gw.url + "/v1/chat/completions", headers=headers,
+                           json={"model": "chat", "messages": MSG}, timeout=httpx.Timeout(0.5))
+            gw.wait_for(lambda: any(r["status"] == 499 for r in gw.ledger(settled=False)), what="ledger row")
+            assert a.requests == 1
+    queued = gw.ledger(settled=False)[1]
+    assert (queued["status"], queued["backend"], queued["attempts"]) == (499, None, 0)
