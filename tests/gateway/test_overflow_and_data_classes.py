@@ -122,6 +122,7 @@ def test_header_only_tightens(upstreams, gateway) -> None:
     with pytest.raises(openai.BadRequestError):
         secret.chat.completions.create(model="chat", messages=MSG, extra_headers={"x-ferry-data-class": "nope"})
     assert cloud.requests == 0
+    assert [r["status"] for r in gw.ledger()] == [200, 400]  # the refusal is a ledger row too
 
 
 def test_restricted_with_on_prem_down_gets_503_naming_the_reason(upstreams, gateway) -> None:

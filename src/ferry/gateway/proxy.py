@@ -207,8 +207,12 @@ class InferenceHandler:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(400, "The body is not valid JSON.", "invalid_request_error")
+            body = None
         if not isinstance(body, dict):
+            self._blocked("bad_request")
+            await gw.db(lambda: gw.ledger.record(key_id=key.id if key else "master", key_name=key.name if key else
+                                                 "master", team=key.team if key else None, status=400,
+                                                 reason="body is not a JSON object"))
             return error_response(400, "The body must be a JSON object.", "invalid_request_error")
         model = body.get("model")
         base_row: dict[str, Any] = {"key_id": key.id if key else "master", "key_name": key.name if key else "master",
@@ -229,6 +233,8 @@ class InferenceHandler:
         try:
             decision = gw.data_classes.decide(key.data_class if key else None, request.headers.get(HEADER), body)
         except UnknownDataClass as e:
+            self._blocked("bad_request")
+            await gw.db(lambda: gw.ledger.record(**base_row, status=400, reason=f"{HEADER}: {e}"))
             return error_response(400, f"{HEADER}: {e}", "invalid_request_error", "unknown_data_class")
         base_row.update(data_class=decision.name, pii=bool(decision.pii), pii_kinds=",".join(decision.pii) or None)
         admitted = await gw.db(gw.limits.admit, key, base_row)
