@@ -261,8 +261,6 @@ class InferenceHandler:
                 res = await gw.router.reserve(route, ctx.decision.locations, deadline, frozenset(exclude))
             except NoRoute as e:
                 return await self._no_route(ctx, e)
-            except asyncio.CancelledError:
-                raise
             ctx.attempts += 1
             backend = res.candidate.backend
             upstream = dict(body, model=res.candidate.deployment.model)
