@@ -15,19 +15,24 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from ferry_server import ServerProcess
 from gateway.conftest import ENV
-from gateway.ferry_serve import FerryServe
 
 MSG = [{"role": "user", "content": "Tell me a story about a ferry."}]
 LONG = {"max_tokens": 120, "extra_body": {"ignore_eos": True}}
 
 
+def _replica(model: Path, log: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(model, log, "--served-model-name", "tiny", "--max-num-seqs", "8",
+                         "--kv-cache-memory", "16MiB", *extra, start=False)
+
+
 @pytest.fixture(scope="module")
-def replicas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, FerryServe]]:
+def replicas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
     logs = tmp_path_factory.mktemp("ferry-serve")
-    servers = {"rack-a": FerryServe(tiny_llama_dir, "rack-a", logs),
-               "rack-b": FerryServe(tiny_llama_dir, "rack-b", logs),
-               "cloud": FerryServe(tiny_llama_dir, "cloud", logs, "--api-key", ENV["CLOUD_API_KEY"])}
+    servers = {"rack-a": _replica(tiny_llama_dir, logs / "rack-a.log"),
+               "rack-b": _replica(tiny_llama_dir, logs / "rack-b.log"),
+               "cloud": _replica(tiny_llama_dir, logs / "cloud.log", "--api-key", ENV["CLOUD_API_KEY"])}
     try:
         for s in servers.values():
             s.start()
@@ -39,11 +44,11 @@ def replicas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             s.stop()
 
 
-def _backends(replicas: dict[str, FerryServe], onprem_concurrency: int = 2) -> list[dict]:
+def _backends(replicas: dict[str, ServerProcess], onprem_concurrency: int = 2) -> list[dict]:
     out = []
     for name, s in replicas.items():
         cloud = name == "cloud"
-        b = {"name": name, "url": s.url + "/v1", "location": "cloud" if cloud else "onprem",
+        b = {"name": name, "url": s.base_url + "/v1", "location": "cloud" if cloud else "onprem",
              "kind": "openai" if cloud else "ferry", "max_concurrency": 16 if cloud else onprem_concurrency,
              "timeout": 30, "connect_timeout": 1, "input_per_mtok": 0.15 if cloud else 0.05,
              "output_per_mtok": 0.60 if cloud else 0.10}
@@ -53,23 +58,23 @@ def _backends(replicas: dict[str, FerryServe], onprem_concurrency: int = 2) -> l
     return out
 
 
-def _models(replicas: dict[str, FerryServe]) -> list[dict]:
+def _models(replicas: dict[str, ServerProcess]) -> list[dict]:
     return [{"name": "chat", "deployments": [{"backend": n, "model": "tiny"} for n in replicas]}]
 
 
-def _served(replicas: dict[str, FerryServe]) -> dict[str, float]:
+def _served(replicas: dict[str, ServerProcess]) -> dict[str, float]:
     return {n: s.metric("ferry:request_success_total") for n, s in replicas.items()}
 
 
-def _idle(gw, replicas: dict[str, FerryServe]) -> None:
-    for s in replicas.values():
-        gw.wait_for(lambda s=s: s.metric("ferry:num_requests_running") == 0, what=f"{s.name} idle")
+def _idle(gw, replicas: dict[str, ServerProcess]) -> None:
+    for name, s in replicas.items():
+        gw.wait_for(lambda s=s: s.metric("ferry:num_requests_running") == 0, what=f"{name} idle")
 
 
 def test_text_through_gateway_equals_text_direct(replicas, gateway) -> None:
     gw = gateway(_backends(replicas), models=_models(replicas))
     client = gw.openai(gw.create_key())
-    direct = openai.OpenAI(base_url=replicas["rack-a"].url + "/v1", api_key="x", max_retries=0)
+    direct = openai.OpenAI(base_url=replicas["rack-a"].base_url + "/v1", api_key="x", max_retries=0)
     kw = {"messages": MSG, "max_tokens": 12, "temperature": 0}
     via = client.chat.completions.create(model="chat", **kw)
     ref = direct.chat.completions.create(model="tiny", **kw)
