@@ -9,7 +9,6 @@ The upstream request lives exactly as long as the client's: a disconnect cancels
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from ferry.disconnect import ClientDisconnected, race_disconnect
 from ferry.gateway.backends.base import UpstreamError
 from ferry.gateway.data_class import HEADER, DataClassDecision, UnknownDataClass
 from ferry.gateway.errors import error_response
@@ -37,40 +37,11 @@ T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever written to the ledger
 
 
-class _Disconnected(Exception):
-    pass
-
-
 def bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip() or None
     return request.headers.get("x-api-key") or None
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work`` but cancel it (and so its upstream request) the moment the client goes away."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    raise _Disconnected()
 
 
 @dataclass
@@ -234,8 +205,9 @@ class InferenceHandler:
             decision = gw.data_classes.decide(key.data_class if key else None, request.headers.get(HEADER), body)
         except UnknownDataClass as e:
             self._blocked("bad_request")
-            await gw.db(lambda: gw.ledger.record(**base_row, status=400, reason=f"{HEADER}: {e}"))
-            return error_response(400, f"{HEADER}: {e}", "invalid_request_error", "unknown_data_class")
+            reason = f"{HEADER}: {e}"
+            await gw.db(lambda: gw.ledger.record(**base_row, status=400, reason=reason))
+            return error_response(400, reason, "invalid_request_error", "unknown_data_class")
         base_row.update(data_class=decision.name, pii=bool(decision.pii), pii_kinds=",".join(decision.pii) or None)
         admitted = await gw.db(gw.limits.admit, key, base_row)
         if isinstance(admitted, Refusal):
@@ -246,8 +218,8 @@ class InferenceHandler:
             return error_response(429, admitted.message, "insufficient_quota", "budget_exceeded")
         ctx = _Context(gw, key, model, bool(body.get("stream")), decision, admitted.row_id, t0)
         try:
-            return await until_disconnect(request, self._dispatch(ctx, route, body, endpoint))
-        except _Disconnected:
+            return await race_disconnect(request, self._dispatch(ctx, route, body, endpoint))
+        except ClientDisconnected:
             with anyio.CancelScope(shield=True):
                 await ctx.finish(Outcome(CLIENT_CLOSED, reason="client disconnected before the response"))
             return Response(status_code=CLIENT_CLOSED)

@@ -7,9 +7,8 @@ prompt index. It is the only place that talks to ``engine.generate``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -30,10 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the answer was ready; its engine requests were aborted."""
 
 
 def engine_error(exc: Exception, request_id: str) -> OpenAIError:
@@ -125,29 +120,3 @@ class Generation:
 
 def log_info(request: Request) -> RequestLogInfo | None:
     return log_info_of(request.scope)
-
-
-async def _until_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def race_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` unless the client disconnects first; then cancel it and raise."""
-    task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if task in done:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientDisconnected()

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request, Response
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 
+from ferry.disconnect import ClientDisconnected, race_disconnect
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.sampling_params import SamplingParams
 from ferry.server.app import ServerState, get_state
 from ferry.server.errors import OpenAIError, bad_request, validation_error_to_openai
-from ferry.server.generation import ClientDisconnected, Generation, engine_error, log_info, race_disconnect
+from ferry.server.generation import Generation, engine_error, log_info
 from ferry.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
