@@ -108,7 +108,20 @@ class _Stream:
 
 
 async def _open_stream(backend_name: str, resp: httpx.Response) -> _Stream:
-    """Read events until one carries a token; any failure before that is an ``UpstreamError``."""
+    """Read events until one carries a token; any failure before that is an ``UpstreamError``.
+
+    On any way out but success (failure, timeout, the client gone) the upstream response is closed,
+    so the upstream stops generating at once instead of when the garbage collector finds it.
+    """
+    try:
+        return await _read_first_token(backend_name, resp)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await resp.aclose()
+        raise
+
+
+async def _read_first_token(backend_name: str, resp: httpx.Response) -> _Stream:
     lines = resp.aiter_lines()
     buffered: list[str] = []
     usage = None
