@@ -38,4 +38,10 @@ class FerryBackend(Backend):
             # NOTE: stale signals would keep routing on a load we can no longer see; forget them.
             self.signals = LoadSignals()
             raise UpstreamError(self.name, "metrics", str(e) or type(e).__name__) from e
-        self.signals = parse_load(resp.text)
+        try:
+            self.signals = parse_load(resp.text)
+        except ValueError as e:
+            # NOTE: a 200 that is not Prometheus text (a proxy's HTML page) must fail this scrape only;
+            # raised on, it would stop the scrape loop (and the gateway's start-up) for every backend.
+            self.signals = LoadSignals()
+            raise UpstreamError(self.name, "metrics", f"not Prometheus text: {e}") from e
