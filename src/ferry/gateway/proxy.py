@@ -80,7 +80,10 @@ def _usage(obj: Any) -> tuple[int, int] | None:
     u = obj.get("usage") if isinstance(obj, dict) else None
     if not isinstance(u, dict):
         return None
-    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    p, c = u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (p, c)):
+        return None  # NOTE: an upstream's malformed usage must not break the answer; the ledger says "no usage"
+    return int(p), int(c)
 
 
 def _carries_token(event: dict[str, Any]) -> bool:
@@ -198,6 +201,13 @@ class InferenceHandler:
                                                  "master", team=key.team if key else None, status=400,
                                                  reason="body is not a JSON object"))
             return error_response(400, "The body must be a JSON object.", "invalid_request_error")
+        if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+            self._blocked("bad_request")
+            await gw.db(lambda: gw.ledger.record(key_id=key.id if key else "master", key_name=key.name if key else
+                                                 "master", team=key.team if key else None, status=400,
+                                                 reason="stream_options is not an object"))
+            return error_response(400, "stream_options must be an object.", "invalid_request_error",
+                                  "invalid_value", "stream_options")
         model = body.get("model")
         base_row: dict[str, Any] = {"key_id": key.id if key else "master", "key_name": key.name if key else "master",
                                     "team": key.team if key else None, "model": model if isinstance(model, str) else None,
@@ -236,6 +246,12 @@ class InferenceHandler:
             with anyio.CancelScope(shield=True):
                 await ctx.finish(Outcome(CLIENT_CLOSED, reason="client disconnected before the response"))
             return Response(status_code=CLIENT_CLOSED)
+        except Exception as e:  # a bug of ours or an upstream answer we did not foresee: 500, row closed
+            log.exception("gateway failed request (ledger row %d)", ctx.row_id)
+            with anyio.CancelScope(shield=True):
+                await ctx.finish(Outcome(500, reason=f"gateway error: {type(e).__name__}: {e}"))
+            return error_response(500, f"The gateway failed this request: {type(e).__name__}", "server_error",
+                                  "gateway_error")
 
     async def _dispatch(self, ctx: _Context, route: Any, body: dict[str, Any], endpoint: str) -> Response:
         gw = self.gw
@@ -248,11 +264,11 @@ class InferenceHandler:
                 return await self._no_route(ctx, e)
             ctx.attempts += 1
             backend = res.candidate.backend
-            upstream = dict(body, model=res.candidate.deployment.model)
-            if ctx.stream:
-                upstream["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
             released = False
             try:
+                upstream = dict(body, model=res.candidate.deployment.model)
+                if ctx.stream:
+                    upstream["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
                 resp = await backend.send(endpoint, upstream)
                 if resp.status_code != 200:
                     released = True
