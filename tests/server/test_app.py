@@ -158,6 +158,8 @@ async def test_error_shapes(client: httpx.AsyncClient) -> None:
     assert err["param"] == "prompt" and "vocabulary" in err["message"]
     err = _err(await client.post("/v1/chat/completions", json={**CHAT, "top_k": -5}), 400)
     assert err["param"] == "top_k"
+    err = _err(await client.post("/v1/completions", json={"prompt": "x", "seed": 2**70}), 400)
+    assert err["param"] == "seed"
     err = _err(await client.post("/v1/chat/completions", json={
         **CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400)
     assert err["param"] == "tools" and "not supported" in err["message"]

@@ -70,7 +70,8 @@ class _SamplingFields(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    # NOTE: the engine's generators take a signed 64-bit seed; vLLM bounds it the same way.
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
