@@ -85,6 +85,9 @@ class FakeEngine:
     ``gate`` is clear, admitted requests wait before producing anything.
     """
 
+    is_running = True
+    dead_reason: str | None = None
+
     max_model_len: int = 256
     model_name: str = "fake-model"
     tokenizer: ByteTokenizer = field(default_factory=ByteTokenizer)

@@ -346,6 +346,15 @@ async def test_failed_load_is_reported() -> None:
         assert r.status_code == 503 and "no such model" in r.json()["error"]["message"]
 
 
+async def test_health_503_when_the_engine_thread_died(fake_engine: FakeEngine) -> None:
+    fake_engine.is_running = False
+    fake_engine.dead_reason = "RuntimeError: boom"
+    app = build_app(fake_engine, ServerConfig())
+    async with make_client(app) as c:
+        r = await c.get("/health")
+    assert r.status_code == 503 and "boom" in r.json()["error"]["message"]
+
+
 # ------------------------------------------------------------------------------------- admin
 
 

@@ -57,6 +57,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stats = engine.stats()
+        self.dead_reason: str | None = None  # why the engine thread stopped on its own, if it did
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -117,6 +118,17 @@ class AsyncEngine:
 
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:
+            # NOTE: a bug outside the model step (scheduler, detokenizer...) must not leave every
+            # client waiting on a silent thread: fail them all and report the engine dead.
+            logger.exception("engine loop crashed")
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            for request_id in list(self._streams):
+                self._fail(request_id, EngineDeadError(f"the engine crashed: {self.dead_reason}"))
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             block = not engine.has_unfinished()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
+from ferry.engine.async_engine import EngineDeadError
 from ferry.outputs import RequestOutput
 from ferry.sampling_params import SamplingParams
 from ferry.server.admission import AdmissionRejected, RequestTooLarge
@@ -35,6 +36,8 @@ def engine_error(exc: Exception, request_id: str) -> OpenAIError:
     """Map an exception raised by ``engine.generate`` to the HTTP error the client sees."""
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(503, f"The engine is not running: {exc}", code="engine_dead")
     logger.error("engine failed request %s", request_id, exc_info=exc)
     return OpenAIError(500, f"The engine failed this request: {type(exc).__name__}: {exc}",
                        code="engine_error")

@@ -25,6 +25,9 @@ async def health(request: Request) -> Response:
         message = (f"model failed to load: {state.load_error}" if state.load_error
                    else "model is loading")
         return JSONResponse(error_body(503, message), status_code=503, headers={"Retry-After": "1"})
+    if not state.engine.is_running:
+        reason = getattr(state.engine, "dead_reason", None) or "not running"
+        return JSONResponse(error_body(503, f"engine is not running: {reason}"), status_code=503)
     return JSONResponse({"status": "ok", "model": state.served_model_name})
 
 
