@@ -169,6 +169,39 @@ async def test_error_shapes(client: httpx.AsyncClient) -> None:
     assert _err(await client.get("/v1/nope"), 404)["message"]
 
 
+async def test_null_and_bookkeeping_fields_are_accepted(client: httpx.AsyncClient) -> None:
+    # What LiteLLM / LangChain / a replayed openai-SDK history send: every field of their message
+    # types, unset ones as null or empty, plus OpenAI's bookkeeping fields.
+    history = [
+        {"role": "system", "content": "be brief", "name": None},
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": "yo", "tool_calls": None, "refusal": None,
+         "function_call": None, "audio": None, "name": None},
+        {"role": "assistant", "content": None, "refusal": "no", "tool_calls": []},
+        {"role": "user", "content": "hello", "tool_call_id": None},
+    ]
+    r = await client.post("/v1/chat/completions", json={
+        "model": "fake-model", "messages": history, "max_tokens": 4, "tools": None,
+        "tool_choice": None, "functions": None, "function_call": None,
+        "parallel_tool_calls": True, "reasoning_effort": None, "metadata": {"app": "x"},
+        "store": False, "service_tier": "auto", "user": "u1", "modalities": None,
+        "prediction": None, "audio": None, "logit_bias": None, "web_search_options": {}})
+    assert r.status_code == 200, r.text
+    template = ("<system>be brief\n<user>hi\n<assistant>yo\n<assistant>no\n<user>hello\n"
+                "<assistant>")
+    assert r.json()["choices"][0]["message"]["content"] == cycle(template, 0, 4)
+    r = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "ab",
+                                                   "max_tokens": 2, "store": None, "suffix": None,
+                                                   "metadata": None, "stream_options": None})
+    assert r.status_code == 200, r.text
+    # a set value of a feature the server lacks is still a clear 400
+    err = _err(await client.post("/v1/chat/completions", json={**CHAT, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_calls": None}), 400)
+    assert err["param"] == "tools"
+    err = _err(await client.post("/v1/chat/completions", json={**CHAT, "frobnicate": 1}), 400)
+    assert err["param"] == "frobnicate" and err["code"] == "unsupported_parameter"
+
+
 @pytest.fixture
 def small_app(fake_engine: FakeEngine) -> Any:
     return build_app(fake_engine, ServerConfig(api_key="k3y", max_queue=1, max_body_bytes=2000),

@@ -1,10 +1,13 @@
 """Pydantic models for every request and response body, in OpenAI's wire format.
 
-Requests forbid unknown fields: the official SDK sends only the fields a caller set, so an unknown
-field is a feature this server does not have, and the caller hears so (400) instead of getting a
-silently different answer. Fields OpenAI defines but we do not implement (``tools``,
+Requests forbid unknown fields with a value: an unknown field set to something is a feature this
+server does not have, and the caller hears so (400) instead of getting a silently different answer.
+An unknown field that is null or empty (``tool_calls: null``, ``refusal: null``,
+``reasoning_effort: null``, ``functions: []``, as LiteLLM, LangChain and replayed chat histories
+send) asks for nothing and is dropped. Fields OpenAI defines but we do not implement (``tools``,
 ``response_format`` other than text, ``logit_bias``, ``suffix``) are declared so that the error
-can say exactly that.
+can say exactly that; harmless bookkeeping fields (``user``, ``store``, ``metadata``,
+``service_tier``) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -34,8 +37,21 @@ class ParamError(ValueError):
         self.param = param
 
 
+_EMPTY: tuple[Any, ...] = (None, [], {})
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_unknowns(cls, data: Any) -> Any:
+        # NOTE: clients serialize every field of their own message type, so a field we do not know
+        # often arrives as null/[]/{}; it requests no feature, so it must not cost a 400.
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if k in cls.model_fields or v not in _EMPTY}
 
 
 class _Response(BaseModel):
@@ -78,6 +94,10 @@ class _SamplingFields(_Request):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
+    # NOTE: accepted and ignored: nothing is stored, and there is one service tier.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -163,6 +183,9 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    # NOTE: an assistant turn copied from an earlier answer may carry its refusal text instead of
+    # content; it is what the assistant said, so the template sees it.
+    refusal: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -173,7 +196,7 @@ class ChatMessage(_Request):
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
