@@ -223,6 +223,24 @@ def test_metrics_render_vllm_names(stats: object) -> None:
     assert sample(s, "ferry:request_generation_tokens_sum", **lab) == 4
 
 
+def test_request_success_counts_requests_not_choices(stats: object) -> None:
+    m = ServerMetrics("m", 2048, lambda: stats)  # type: ignore[arg-type,return-value]
+    rec = m.recorder()
+    # n=3: choice 1 stops early, then choices 2 and 0 hit the length limit
+    outs = [CompletionOutput(i, "", [7] * 2) for i in range(3)]
+    outs[1].finish_reason = "stop"
+    rec.on_output(RequestOutput("r", None, [1, 2], outs, False))
+    outs = [CompletionOutput(i, "", [7] * 4, "length" if i != 1 else "stop") for i in range(3)]
+    rec.on_output(RequestOutput("r", None, [1, 2], outs, True))
+    rec.on_output(RequestOutput("r", None, [1, 2], outs, True))  # a repeat is not a second request
+    aborted = m.recorder()
+    aborted.on_output(RequestOutput("a", None, [1], [CompletionOutput(0, "", [7], "abort")], True))
+    s = parse_prometheus(m.render().decode())
+    assert sample(s, "ferry:request_success_total") == 1
+    assert sample(s, "ferry:request_success_total", finished_reason="length") == 1
+    assert sample(s, "ferry:generation_tokens_total") == 13
+
+
 def test_metrics_registries_are_per_app(stats: object) -> None:
     a = ServerMetrics("a", 100, lambda: stats)  # type: ignore[arg-type,return-value]
     b = ServerMetrics("b", 100, lambda: None)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ferry.outputs import RequestOutput
+from ferry.outputs import FINISH_ABORT, RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -95,7 +95,6 @@ class _EngineStatsCollector(Collector):
 @dataclass
 class _SeqState:
     tokens: int = 0
-    finished: bool = False
 
 
 @dataclass
@@ -126,9 +125,6 @@ class RequestRecorder:
             seq = self.seqs.setdefault(comp.index, _SeqState())
             new_tokens += len(comp.token_ids) - seq.tokens
             seq.tokens = len(comp.token_ids)
-            if comp.finish_reason is not None and not seq.finished:
-                seq.finished = True
-                m.request_success.labels(m.model_name, comp.finish_reason).inc()
         if new_tokens > 0:
             if self.first_token is None:
                 self.first_token = now
@@ -147,6 +143,11 @@ class RequestRecorder:
             m.generation_tokens.labels(m.model_name).inc(new_tokens)
         if out.finished and not self.done:
             self.done = True
+            # NOTE: one count per request, as vLLM does, labelled with its first choice's reason;
+            # n choices are one request, not n.
+            reason = min(out.outputs, key=lambda c: c.index).finish_reason if out.outputs else None
+            if reason is not None and reason != FINISH_ABORT:
+                m.request_success.labels(m.model_name, reason).inc()
             m.e2e.labels(m.model_name).observe(now - self.start)
             m.request_prompt_tokens.labels(m.model_name).observe(len(out.prompt_token_ids))
             m.request_generation_tokens.labels(m.model_name).observe(self.generated_tokens)
@@ -174,7 +175,7 @@ class ServerMetrics:
         self.generation_tokens = Counter("ferry:generation_tokens", "Generation tokens produced.",
                                          labels, registry=r)
         self.request_success = Counter(
-            "ferry:request_success", "Finished sequences, by finish reason.",
+            "ferry:request_success", "Finished requests, by their first choice's finish reason.",
             [*labels, "finished_reason"], registry=r)
         self.admission_rejections = Counter(
             "ferry:admission_rejections", "Requests answered 429 by admission control.", labels,
