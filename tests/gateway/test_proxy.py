@@ -109,3 +109,32 @@ def test_upstream_4xx_is_passed_through_not_failed_over(upstreams, gateway) -> N
         gw.openai(gw.create_key()).chat.completions.create(model="chat", messages=MSG)
     assert (a.requests, b.requests) == (1, 0)
     assert gw.gw.backends["a"].breaker.failures == 0
+
+
+def test_master_key_is_compared_in_constant_time(upstreams, gateway, monkeypatch) -> None:
+    import hmac
+
+    _, srv = upstreams("rack")
+    gw = gateway([backend("rack", srv, "onprem")])
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    master = gw.gw.master_key
+    near = master[:-1] + "!"  # differs in the last byte only
+    auth = {"Authorization": f"Bearer {master}"}
+    assert httpx.get(gw.url + "/admin/keys", headers=auth).status_code == 200
+    assert httpx.get(gw.url + "/admin/keys", headers={"Authorization": f"Bearer {near}"}).status_code == 401
+    assert httpx.get(gw.url + "/v1/models", headers=auth).status_code == 200
+    r = httpx.post(gw.url + "/v1/chat/completions", headers=auth,
+                   json={"model": "chat", "messages": MSG, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": "Bearer ünïcode".encode()},
+                   json={"model": "chat", "messages": MSG})
+    assert r.status_code == 401
+    assert [b for _, b in compared] == [master.encode()] * 5
+    assert compared[1][0] == near.encode()

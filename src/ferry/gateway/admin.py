@@ -38,7 +38,7 @@ def admin_router(gw: Gateway) -> APIRouter:
     router = APIRouter(prefix="/admin")
 
     def denied(request: Request) -> Response | None:
-        if bearer(request) != gw.master_key:
+        if not gw.is_master(bearer(request)):
             return error_response(401, "The admin API needs the master key.", "invalid_request_error",
                                   "invalid_api_key")
         return None

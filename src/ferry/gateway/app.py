@@ -47,7 +47,7 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
     async def models(request: Request) -> Response:
         secret = bearer(request)
         key = None
-        if secret != gw.master_key:
+        if not gw.is_master(secret):
             key = await gw.db(gw.keys.lookup, secret) if secret else None
             if key is None:
                 return error_response(401, "Incorrect or missing API key.", "invalid_request_error",

@@ -184,7 +184,7 @@ class InferenceHandler:
         t0 = time.monotonic()
         secret = bearer(request)
         key: KeyRecord | None = None
-        if secret != gw.master_key:
+        if not gw.is_master(secret):
             key = await gw.db(gw.keys.lookup, secret) if secret else None
             if key is None:
                 self._blocked("auth")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -44,6 +45,12 @@ class Gateway:
         self.metrics = GatewayMetrics(self.backends)
         self.monitor = HealthMonitor(list(self.backends.values()), config.health, config.routing.metrics_interval,
                                      self.router.notify)
+
+    def is_master(self, secret: str | None) -> bool:
+        """Whether ``secret`` is the master key, compared in constant time."""
+        # NOTE: ``!=`` stops at the first differing byte, so response times would leak the key's
+        # prefix; bytes, since compare_digest refuses non-ASCII str.
+        return secret is not None and hmac.compare_digest(secret.encode(), self.master_key.encode())
 
     async def start(self) -> None:
         # NOTE: one scrape before serving, so the first requests already see the replicas' load.
