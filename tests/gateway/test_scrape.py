@@ -33,3 +33,35 @@ async def test_a_non_prometheus_metrics_page_resets_signals_and_the_monitor_goes
     assert len(changes) == 4
     for b in backends:
         await b.aclose()
+
+
+async def test_an_unforeseen_error_costs_one_round_not_the_loops(caplog) -> None:
+    import asyncio
+    import logging
+
+    calls = {"models": 0, "metrics": 0}
+    done = asyncio.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        kind = "metrics" if request.url.path.endswith("/metrics") else "models"
+        calls[kind] += 1
+        if min(calls.values()) >= 3:
+            done.set()
+        if calls[kind] <= 2:
+            raise RuntimeError(f"boom in {kind}")  # not an httpx error: escapes the backend as-is
+        return httpx.Response(200, text=GOOD if kind == "metrics" else '{"data": []}')
+
+    backend = make_backend(BackendConfig(name="b", url="http://b/v1", kind="ferry"), HealthConfig(), {},
+                           httpx.MockTransport(handler))
+    monitor = HealthMonitor([backend], HealthConfig(interval=0.01), 0.01, lambda: None)
+    with caplog.at_level(logging.ERROR, logger="ferry.gateway"):
+        monitor.start()
+        try:
+            await asyncio.wait_for(done.wait(), timeout=10)
+        finally:
+            await monitor.stop()
+            await backend.aclose()
+    assert min(calls.values()) >= 3
+    assert backend.signals == LoadSignals(waiting=3.0, kv_cache_usage=0.5)
+    failed = [r for r in caplog.records if r.exc_info]
+    assert {r.getMessage() for r in failed} == {"health check round failed", "metrics scrape round failed"}

@@ -141,10 +141,18 @@ class HealthMonitor:
 
     async def _health_loop(self) -> None:
         while True:
-            await self.check_once()
+            try:
+                await self.check_once()
+            except Exception:
+                # NOTE: a failure we did not foresee (a bug, an odd answer) must cost one round, not
+                # the loop: without it, health would freeze silently for the gateway's lifetime.
+                log.exception("health check round failed")
             await asyncio.sleep(self._health.interval)
 
     async def _scrape_loop(self) -> None:
         while True:
-            await self.scrape_once()
+            try:
+                await self.scrape_once()
+            except Exception:
+                log.exception("metrics scrape round failed")  # NOTE: as in _health_loop
             await asyncio.sleep(self._scrape_interval)
