@@ -81,3 +81,22 @@ async def test_an_unforeseen_error_is_an_openai_500_with_the_row_closed(app: Any
     row = gw.ledger.rows()[0]
     assert row["status"] == 500 and "RuntimeError: boom" in row["reason"]
     assert gw.backends["a"].inflight == 0
+
+
+async def test_an_error_event_after_tokens_is_a_502_in_the_ledger(tmp_path: Any) -> None:
+    def upstream(request: httpx.Request) -> httpx.Response:
+        events = [{"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+                  {"error": {"message": "engine died", "type": "server_error", "param": None, "code": None}}]
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    b = {"name": "a", "url": "http://a/v1", "location": "onprem", "kind": "openai", "max_concurrency": 2}
+    app = create_app(parse_config(config_dict([b], f"sqlite:///{tmp_path}/gw.db")), ENV,
+                     transport=httpx.MockTransport(upstream))
+    gw = app.state.gateway
+    async with _client(app) as c:
+        r = await c.post("/v1/chat/completions", json={"model": "chat", "messages": MSG, "stream": True})
+    assert r.status_code == 200 and "engine died" in r.text  # passed through: tokens had been sent
+    row = gw.ledger.rows()[0]
+    assert row["status"] == 502 and "error mid-stream" in row["reason"] and "engine died" in row["reason"]
+    assert gw.backends["a"].inflight == 0 and gw.backends["a"].breaker.failures == 1

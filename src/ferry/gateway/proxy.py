@@ -387,6 +387,7 @@ class InferenceHandler:
                                            reason=result["reason"]))
 
         async def events() -> AsyncIterator[bytes]:
+            error_event: str | None = None  # an upstream error event passed through mid-stream
             try:
                 for payload in opened.buffered:
                     out = frame(payload)
@@ -399,15 +400,24 @@ class InferenceHandler:
                         payload = line[5:].strip()
                         if payload != "[DONE]":
                             try:
-                                result["usage"] = _usage(json.loads(payload)) or result["usage"]
+                                event = json.loads(payload)
                             except json.JSONDecodeError:
-                                pass
+                                event = None
+                            result["usage"] = _usage(event) or result["usage"]
+                            if isinstance(event, dict) and "error" in event and not event.get("choices"):
+                                error_event = error_event or payload
                         out = frame(payload)
                         if out is not None:
                             yield out
-                result["status"] = 200
-                result["reason"] = None if result["usage"] else "upstream reported no usage"
-                backend.breaker.record_success()
+                if error_event is not None:
+                    # NOTE: the client saw the error event, so it is not a 200 even though the stream ended cleanly.
+                    result["status"] = 502
+                    result["reason"] = f"upstream {backend.name} sent an error mid-stream: {error_event[:300]}"
+                    backend.breaker.record_failure()
+                else:
+                    result["status"] = 200
+                    result["reason"] = None if result["usage"] else "upstream reported no usage"
+                    backend.breaker.record_success()
             except httpx.HTTPError as e:
                 # NOTE: tokens already reached the client, so failing over would splice two answers.
                 result["status"] = 502
