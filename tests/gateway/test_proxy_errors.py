@@ -100,3 +100,21 @@ async def test_an_error_event_after_tokens_is_a_502_in_the_ledger(tmp_path: Any)
     row = gw.ledger.rows()[0]
     assert row["status"] == 502 and "error mid-stream" in row["reason"] and "engine died" in row["reason"]
     assert gw.backends["a"].inflight == 0 and gw.backends["a"].breaker.failures == 1
+
+
+async def test_framework_errors_are_in_openai_shape(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def err(r: httpx.Response, status: int) -> dict[str, Any]:
+        assert r.status_code == status, r.text
+        body = r.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+        return body["error"]
+
+    def broken() -> Any:
+        raise RuntimeError("db down")
+
+    monkeypatch.setattr(app.state.gateway.keys, "list", broken)
+    async with _client(app) as c:
+        assert "/v1/nope" in err(await c.get("/v1/nope"), 404)["message"]
+        assert err(await c.get("/v1/chat/completions"), 405)["type"] == "invalid_request_error"
+        assert err(await c.delete("/admin/usage"), 405)["message"]
+        assert err(await c.get("/admin/keys"), 500)["type"] == "server_error"

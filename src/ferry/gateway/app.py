@@ -16,6 +16,7 @@ from ferry.gateway.config import GatewayConfig
 from ferry.gateway.errors import error_response
 from ferry.gateway.proxy import InferenceHandler, bearer
 from ferry.gateway.state import Gateway
+from ferry.server.errors import install_error_handlers
 
 
 def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, instance: str | None = None,
@@ -33,6 +34,9 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
 
     app = FastAPI(title="ferry gateway", lifespan=lifespan)
     app.state.gateway = gw
+    # NOTE: the server's handlers: unknown routes, 405s, validation errors and unforeseen exceptions
+    # leave in OpenAI's error shape too, not FastAPI's {"detail": ...}.
+    install_error_handlers(app)
     handler = InferenceHandler(gw)
 
     @app.post("/v1/chat/completions")
