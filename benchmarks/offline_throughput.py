@@ -65,33 +65,42 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--naive-requests", type=int, default=3)
     ap.add_argument("--kv-cache-memory", type=int, default=1 << 30)
+    ap.add_argument("--dtypes", default="float32",
+                    help="ferry dtypes to measure, e.g. float32,bfloat16 (the naive loop is float32)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
     model_path = str(resolve(args.model)) if not args.model.endswith(".gguf") else args.model
-    llm = LLM(model_path, kv_cache_memory=args.kv_cache_memory)
-    prompts = [llm.tokenizer.encode_chat(m) for m in chat_prompts(args.num_prompts)]
-    run_ferry(llm, prompts[:2], 8)  # warm-up
-
-    single_s, single_tokens = run_ferry(llm, prompts[:1], args.output_len)
-    batch_s, batch_tokens = run_ferry(llm, prompts, args.output_len)
-    naive_s, naive_tokens = run_naive(prompts[:args.naive_requests], args.output_len, model_path)
-
-    ferry_tps = batch_tokens / batch_s
-    single_tps = single_tokens / single_s
+    naive_prompts: list[list[int]] = []
+    rows: list[tuple[str, int, float]] = []
+    result: dict[str, object] = {"model": args.model, "num_prompts": args.num_prompts,
+                                 "output_len": args.output_len,
+                                 "torch_threads": torch.get_num_threads(),
+                                 "machine": platform.machine()}
+    best = {}
+    for dtype in args.dtypes.split(","):
+        llm = LLM(model_path, kv_cache_memory=args.kv_cache_memory, dtype=dtype)
+        prompts = [llm.tokenizer.encode_chat(m) for m in chat_prompts(args.num_prompts)]
+        naive_prompts = prompts[:args.naive_requests]
+        run_ferry(llm, prompts[:2], 8)  # warm-up
+        single_s, single_tokens = run_ferry(llm, prompts[:1], args.output_len)
+        batch_s, batch_tokens = run_ferry(llm, prompts, args.output_len)
+        rows.append((f"ferry {dtype}, 1 prompt", single_tokens, single_s))
+        rows.append((f"ferry {dtype}, {args.num_prompts} prompts", batch_tokens, batch_s))
+        best[dtype] = batch_tokens / batch_s
+        result[f"ferry_{dtype}_batch_tok_s"] = round(batch_tokens / batch_s, 1)
+        result[f"ferry_{dtype}_single_stream_tok_s"] = round(single_tokens / single_s, 1)
+        del llm
+    naive_s, naive_tokens = run_naive(naive_prompts, args.output_len, model_path)
     naive_tps = naive_tokens / naive_s
-    result = {
-        "model": args.model, "num_prompts": args.num_prompts, "output_len": args.output_len,
-        "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-        "ferry_batch_tok_s": round(ferry_tps, 1), "ferry_single_stream_tok_s": round(single_tps, 1),
-        "naive_tok_s": round(naive_tps, 1), "ratio_ferry_over_naive": round(ferry_tps / naive_tps, 1),
-    }
-    print(f"{'setup':40} {'tokens':>8} {'seconds':>9} {'tok/s':>8}")
-    print(f"{'naive HF generate(), one at a time':40} {naive_tokens:8d} {naive_s:9.1f} {naive_tps:8.1f}")
-    print(f"{'ferry LLM.generate, 1 prompt':40} {single_tokens:8d} {single_s:9.1f} {single_tps:8.1f}")
-    print(f"{f'ferry LLM.generate, {args.num_prompts} prompts':40} {batch_tokens:8d} {batch_s:9.1f} "
-          f"{ferry_tps:8.1f}")
-    print(f"ratio ferry/naive (throughput): {ferry_tps / naive_tps:.1f}x")
+    result["naive_tok_s"] = round(naive_tps, 1)
+    print(f"{'setup':40} {'tokens':>8} {'seconds':>9} {'tok/s':>8} {'vs naive':>9}")
+    for label, tokens, secs in [("naive HF generate(), one at a time", naive_tokens, naive_s), *rows]:
+        tps = tokens / secs
+        print(f"{label:40} {tokens:8d} {secs:9.1f} {tps:8.1f} {tps / naive_tps:8.1f}x")
+    for dtype, tps in best.items():
+        result[f"ratio_{dtype}_over_naive"] = round(tps / naive_tps, 1)
+        print(f"ratio ferry ({dtype}) / naive, throughput: {tps / naive_tps:.1f}x")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
