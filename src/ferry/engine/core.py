@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import torch
 
 from ferry.config import ArchConfig, EngineConfig
 from ferry.engine.kv_cache import KVCacheManager
@@ -35,7 +38,8 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, arch: ArchConfig, weights: object) -> None:
+    def __init__(self, config: EngineConfig, arch: ArchConfig,
+                 weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.config = config
         self.arch = arch
         self.max_model_len = resolve_max_model_len(arch, config.model.max_model_len)

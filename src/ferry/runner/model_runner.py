@@ -7,12 +7,18 @@ Owns the model, the KV tensors and the sampler. Rows of the flat batch are order
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 import torch
 
 from ferry.config import ArchConfig, CacheConfig, ModelConfig
 from ferry.engine.request import Request
-from ferry.engine.scheduler import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
+from ferry.engine.scheduler import (
+    ModelRunnerOutput,
+    SampledToken,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
 from ferry.model.llama import KVCache
 from ferry.model.registry import build_model
@@ -36,9 +42,10 @@ def resolve_device(name: str) -> torch.device:
 
 class ModelRunner:
     def __init__(self, arch: ArchConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                 weights: object, block_table_lookup: object) -> None:
-        """``weights``: an iterable of (HF name, tensor); ``block_table_lookup(request_id)`` gives
-        a request's block ids (the KV cache manager's ``block_ids``)."""
+                 weights: Iterable[tuple[str, torch.Tensor]],
+                 block_table_lookup: Callable[[str], list[int]]) -> None:
+        """``weights``: (HF name, tensor) pairs; ``block_table_lookup(request_id)`` gives a
+        request's block ids (the KV cache manager's ``block_ids``)."""
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = _DTYPES[model_config.dtype]
