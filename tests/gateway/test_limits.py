@@ -72,6 +72,66 @@ def test_key_and_team_budgets(upstreams, gateway) -> None:
     assert costs == pytest.approx({"solo": 3.0, "m1": 1.0, "m2": 1.0})
 
 
+async def _burst(url: str, secrets: list[str], max_tokens: int = 8) -> list[int]:
+    """All requests at once; their HTTP statuses in order."""
+    import asyncio
+
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        rs = await asyncio.gather(*(http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {s}"},
+                                              json={"model": "chat", "messages": MSG, "max_tokens": max_tokens})
+                                    for s in secrets))
+    return [r.status_code for r in rs]
+
+
+async def test_a_concurrent_burst_is_held_to_tpm_by_reservations(upstreams, gateway) -> None:
+    # NOTE: the upstream holds each answer, so the whole burst is admitted before any usage is recorded:
+    # only the reservations (4 prompt + 8 completion = 12 tokens each) can stop it.
+    up, srv = upstreams("rack", delay=1.0)
+    gw = gateway([backend("rack", srv, "onprem")])
+    secret = gw.create_key(name="t", tpm=20)
+    statuses = await _burst(gw.url, [secret] * 5)
+    assert sorted(statuses) == [200, 200, 429, 429, 429]  # 0 -> 12 -> 24 reserved: the third is over
+    assert up.requests == 2
+    rows = [r for r in gw.ledger() if r["status"] == 200]
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [(2, 8), (2, 8)]  # settled to actual
+
+
+async def test_a_concurrent_burst_is_held_to_key_and_team_budgets(upstreams, gateway) -> None:
+    up, srv = upstreams("rack", delay=1.0)
+    # $0.1 per token: a request reserves 12 tokens = $1.20 and then costs 10 tokens = $1.00
+    gw = gateway([backend("rack", srv, "onprem", input_per_mtok=1e5, output_per_mtok=1e5)],
+                 teams={"ml": {"budget_usd": 1.5}})
+    solo = gw.create_key(name="solo", budget_usd=1.5)
+    assert sorted(await _burst(gw.url, [solo] * 4)) == [200, 200, 429, 429]
+    m1, m2 = gw.create_key(name="m1", team="ml"), gw.create_key(name="m2", team="ml")
+    assert sorted(await _burst(gw.url, [m1, m2, m1, m2])) == [200, 200, 429, 429]
+    assert up.requests == 4
+    spent = sum(r["cost_usd"] for r in gw.ledger())
+    assert spent == pytest.approx(4.0)  # reservations settled to the actual cost
+
+
+def test_estimate_and_dearest_prices() -> None:
+    from ferry.gateway.config import parse_config
+    from ferry.gateway.limits import DEFAULT_CHAT_COMPLETION_TOKENS, dearest_prices, estimate
+    from gateway.conftest import config_dict
+
+    e = estimate({"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 10, "n": 2}, "chat/completions",
+                 1e6, 2e6)
+    assert (e.prompt_tokens, e.completion_tokens, e.cost_usd) == (11, 20, pytest.approx(11 + 40))
+    assert estimate({"messages": MSG}, "chat/completions", 0, 0).completion_tokens == DEFAULT_CHAT_COMPLETION_TOKENS
+    assert estimate({"prompt": [[1, 2], [3]]}, "completions", 0, 0) == estimate({"prompt": "abcdefghijk"},
+                                                                                 "completions", 0, 0)
+    cfg = parse_config(config_dict([{"name": "rack", "url": "http://rack/v1", "location": "onprem",
+                                     "input_per_mtok": 0.05, "output_per_mtok": 0.1},
+                                    {"name": "cloud", "url": "http://cloud/v1", "location": "cloud",
+                                     "input_per_mtok": 0.15, "output_per_mtok": 0.6}], "sqlite://"))
+    route = cfg.model("chat")
+    assert dearest_prices(cfg, route, ("onprem", "cloud")) == (0.15, 0.6)
+    assert dearest_prices(cfg, route, ("onprem",)) == (0.05, 0.1)  # a restricted request never reaches the cloud
+
+
 def _database_urls() -> list[object]:
     urls: list[object] = ["sqlite"]
     pg = os.environ.get("FERRY_TEST_POSTGRES_URL")

@@ -1,8 +1,14 @@
 """Admission: RPM/TPM per key and USD budgets per key and team, counted in the shared database.
 
 Admission reads the ledger of the last minute and inserts the request's pending row in one
-transaction that holds the key's row lock (``SELECT … FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE``
-on SQLite), so gateway instances sharing a database enforce one limit, not one each.
+transaction that holds the key's row lock (``SELECT … FOR UPDATE`` on PostgreSQL, every key row of
+the team when a team budget applies; ``BEGIN IMMEDIATE`` on SQLite), so gateway instances sharing a
+database enforce one limit, not one each.
+
+The pending row carries a reservation: an estimate of the request's tokens and its cost at the
+dearest deployment it may use. TPM and budgets count it like recorded usage, so a burst of
+concurrent requests cannot all pass a check that sees none of the others; when the request ends,
+``Ledger.close`` writes the upstream's actual usage over the estimate.
 """
 
 from __future__ import annotations
@@ -14,10 +20,66 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 
+from ferry.gateway.config import GatewayConfig, ModelConfig
 from ferry.gateway.db import keys_table, ledger_table
 from ferry.gateway.keys import KeyRecord
+from ferry.gateway.ledger import cost_usd
 
 WINDOW_S = 60.0
+CHARS_PER_TOKEN = 4  # NOTE: a tokenizer-free estimate; English text averages about 4 characters a token
+# NOTE: a chat request without max_tokens may run to the context's end; reserving all of it would
+# refuse most bursts, reserving nothing would let them through, so a typical long answer is reserved.
+DEFAULT_CHAT_COMPLETION_TOKENS = 512
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a request is expected to use, reserved in its pending ledger row until it ends."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def _chars(value: Any) -> int:
+    """Characters of every string in a JSON value (message contents, text parts, names, tool calls)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return len(prompt)  # token ids
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        return sum(len(p) for p in prompt)  # lists of token ids
+    chars = _chars(body.get("messages")) + _chars(prompt)
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def estimate(body: dict[str, Any], endpoint: str, input_per_mtok: float, output_per_mtok: float) -> Estimate:
+    """Prompt tokens from the body's characters, completion tokens from ``max_tokens`` x ``n``."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        limit = DEFAULT_COMPLETION_TOKENS if endpoint == "completions" else DEFAULT_CHAT_COMPLETION_TOKENS
+    n = body.get("n")
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+    prompt, completion = _prompt_tokens(body), limit * n
+    return Estimate(prompt, completion, cost_usd(prompt, completion, input_per_mtok, output_per_mtok))
+
+
+def dearest_prices(config: GatewayConfig, route: ModelConfig, locations: tuple[str, ...]) -> tuple[float, float]:
+    """The highest input and output prices among the route's deployments in ``locations``."""
+    prices = [(d.input_per_mtok if d.input_per_mtok is not None else b.input_per_mtok,
+               d.output_per_mtok if d.output_per_mtok is not None else b.output_per_mtok)
+              for d in route.deployments if (b := config.backend(d.backend)).location in locations]
+    return max((p[0] for p in prices), default=0.0), max((p[1] for p in prices), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -40,16 +102,22 @@ class Limits:
         self._team_budgets = team_budgets
         self._postgres = engine.dialect.name == "postgresql"
 
-    def admit(self, key: KeyRecord | None, row: dict[str, Any], now: float | None = None) -> Admission | Refusal:
-        """Check the key's limits and, in the same transaction, insert the request's ledger row."""
+    def admit(self, key: KeyRecord | None, row: dict[str, Any], reserve: Estimate = Estimate(),
+              now: float | None = None) -> Admission | Refusal:
+        """Check the key's limits and, in the same transaction, insert the request's ledger row,
+        holding ``reserve`` until ``Ledger.close`` settles it."""
         now = time.time() if now is None else now
         base = {"ts": now, "instance": self._instance, **row}
         t = ledger_table.c
         with self._engine.begin() as conn:
             refusal: tuple[str, str, int | None] | None = None
             if key is not None:
+                team_budget = self._team_budgets.get(key.team) if key.team else None
                 if self._postgres:
-                    conn.execute(select(keys_table.c.id).where(keys_table.c.id == key.id).with_for_update())
+                    # NOTE: with a team budget, two keys of the team check one sum: lock every key row
+                    # of the team (in id order, so two admissions cannot deadlock), not just this one.
+                    who = keys_table.c.team == key.team if team_budget is not None else keys_table.c.id == key.id
+                    conn.execute(select(keys_table.c.id).where(who).order_by(keys_table.c.id).with_for_update())
                 window = conn.execute(
                     select(t.ts, t.prompt_tokens + t.completion_tokens)
                     .where(t.key_id == key.id, t.admitted.is_(True), t.ts > now - WINDOW_S)
@@ -68,25 +136,25 @@ class Limits:
                                 retry = max(1, math.ceil(ts + WINDOW_S - now))
                                 break
                         refusal = ("tpm", f"rate limit: key {key.name!r} allows {key.tpm} tokens per minute "
-                                          f"and has used {sum(int(n) for _, n in window)}", retry)
+                                          f"and has used or reserved {sum(int(n) for _, n in window)}", retry)
                 if refusal is None and key.budget_usd is not None:
                     spent = conn.execute(select(func.coalesce(func.sum(t.cost_usd), 0.0))
                                          .where(t.key_id == key.id)).scalar_one()
                     if spent >= key.budget_usd:
-                        refusal = ("budget_key", f"budget exceeded: key {key.name!r} has spent ${spent:.6f} of its "
-                                                 f"${key.budget_usd:g} budget", None)
-                team_budget = self._team_budgets.get(key.team) if key.team else None
+                        refusal = ("budget_key", f"budget exceeded: key {key.name!r} has spent or reserved "
+                                                 f"${spent:.6f} of its ${key.budget_usd:g} budget", None)
                 if refusal is None and team_budget is not None:
                     spent = conn.execute(select(func.coalesce(func.sum(t.cost_usd), 0.0))
                                          .where(t.team == key.team)).scalar_one()
                     if spent >= team_budget:
-                        refusal = ("budget_team", f"budget exceeded: team {key.team!r} has spent ${spent:.6f} of "
-                                                  f"its ${team_budget:g} budget", None)
+                        refusal = ("budget_team", f"budget exceeded: team {key.team!r} has spent or reserved "
+                                                  f"${spent:.6f} of its ${team_budget:g} budget", None)
             if refusal is not None:
                 reason, message, retry = refusal
                 row_id = conn.execute(insert(ledger_table).values(
                     **base, admitted=False, status=429, reason=f"{reason}: {message}")).inserted_primary_key[0]
                 return Refusal(reason, message, retry, int(row_id))
-            row_id = conn.execute(insert(ledger_table).values(**base, admitted=True, status=0)
-                                  ).inserted_primary_key[0]
+            row_id = conn.execute(insert(ledger_table).values(
+                **base, admitted=True, status=0, prompt_tokens=reserve.prompt_tokens,
+                completion_tokens=reserve.completion_tokens, cost_usd=reserve.cost_usd)).inserted_primary_key[0]
             return Admission(int(row_id))

@@ -27,7 +27,7 @@ from ferry.gateway.data_class import HEADER, DataClassDecision, UnknownDataClass
 from ferry.gateway.errors import error_response
 from ferry.gateway.keys import KeyRecord
 from ferry.gateway.ledger import Outcome, cost_usd
-from ferry.gateway.limits import Refusal
+from ferry.gateway.limits import Refusal, dearest_prices, estimate
 from ferry.gateway.routing import NoRoute
 from ferry.gateway.routing.router import Reservation
 from ferry.gateway.state import Gateway
@@ -232,7 +232,10 @@ class InferenceHandler:
             await gw.db(lambda: gw.ledger.record(**base_row, status=400, reason=reason))
             return error_response(400, reason, "invalid_request_error", "unknown_data_class")
         base_row.update(data_class=decision.name, pii=bool(decision.pii), pii_kinds=",".join(decision.pii) or None)
-        admitted = await gw.db(gw.limits.admit, key, base_row)
+        # NOTE: the backend is chosen after admission, so the reservation is priced at the dearest
+        # deployment this request's data class allows.
+        reserve = estimate(body, endpoint, *dearest_prices(gw.config, route, decision.locations))
+        admitted = await gw.db(gw.limits.admit, key, base_row, reserve)
         if isinstance(admitted, Refusal):
             self._blocked(admitted.reason)
             if admitted.retry_after is not None:
