@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -67,4 +67,4 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-__all__ = ["SamplingParams", "field"]
+__all__ = ["SamplingParams"]
