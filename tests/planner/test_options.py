@@ -8,7 +8,7 @@ import random
 import pytest
 
 from ferry.planner.catalog import ApiPrice, get_gpu
-from ferry.planner.options import (API, CLOUD, HYBRID_API, HYBRID_CLOUD, ONPREM, RESERVED, Fleet, best_hybrid,
+from ferry.planner.options import (API, _pure_costs, CLOUD, HYBRID_API, HYBRID_CLOUD, ONPREM, RESERVED, Fleet, best_hybrid,
                                    break_even, hybrid_curve, hybrid_point, min_onprem_replicas, price_options)
 from ferry.planner.pricing import CostAssumptions, api_monthly, cloud_on_demand_monthly, onprem_monthly
 from ferry.planner.traffic import Traffic
@@ -94,3 +94,23 @@ def test_break_even_separates_the_two_sides() -> None:
     never = break_even(t, FLEET, ApiPrice(0.0, 0.0), ONPREM, API)
     assert never.monthly_mtok is None and "not cheaper" in never.note
     assert math.isfinite(be.mean_rps)
+
+
+def test_break_even_when_the_cheaper_side_wins_only_at_low_volume() -> None:
+    # One owned replica beats renting at today's volume, but at many replicas renting follows the
+    # daily curve while owned hardware is sized for the peak: on-prem wins only below a volume.
+    t = Traffic(tuple([0.2] * 18 + [1.9] * 6), 1000, 500)
+    api = COSTS.api_price
+
+    def costs(scale: float) -> tuple[float, float]:
+        c = _pure_costs(t.scaled(scale), FLEET, api)
+        return c[ONPREM], c[CLOUD]
+
+    assert costs(1.0)[0] <= costs(1.0)[1] and costs(1000.0)[0] > costs(1000.0)[1]
+    be = break_even(t, FLEET, api, ONPREM, CLOUD)
+    assert be.cheaper_below and be.monthly_mtok is not None and "only below" in be.note
+    base = (t.monthly_requests(COSTS.hours_per_month) * t.tokens_per_request) / 1e6
+    s = be.monthly_mtok / base
+    assert s >= 1.0
+    lo, hi = costs(s * 0.999), costs(s * 1.001)
+    assert lo[0] <= lo[1] and hi[0] > hi[1]

@@ -159,13 +159,16 @@ def price_options(traffic: Traffic, fleet: Fleet, api: ApiPrice, curve: list[Hyb
 
 @dataclass(frozen=True)
 class BreakEven:
-    """The monthly volume above which ``cheaper`` beats ``other`` (within 1/1000x..1000x today's volume)."""
+    """The monthly volume where ``cheaper`` and ``other`` swap (within 1/1000x..1000x today's volume):
+    ``cheaper`` wins above it, or only below it when ``cheaper_below`` (e.g. owned hardware sized for the
+    peak against rented GPUs that follow the daily curve, once volume makes replicas fine-grained)."""
 
     cheaper: str
     other: str
     monthly_mtok: float | None  # None: never within the range scanned
     mean_rps: float | None
     note: str
+    cheaper_below: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,8 +196,20 @@ def break_even(traffic: Traffic, fleet: Fleet, api: ApiPrice, a: str, b: str, *,
         return c[a] <= c[b]
 
     wins = [a_wins(s) for s in scales]
+    today = f"today {base_mtok:,.0f} Mtok/month"
+    if not any(wins):
+        return BreakEven(a, b, None, None,
+                         f"{a} is not cheaper than {b} at any volume from 1/{span:g} to {span:g}x today's")
     if not wins[-1]:
-        return BreakEven(a, b, None, None, f"{a} is not cheaper than {b} at any volume up to {span:g}x today's")
+        # a wins somewhere but loses at the top: find where it stops winning.
+        last = max(i for i, w in enumerate(wins) if w)
+        lo, hi = scales[last], scales[last + 1]
+        for _ in range(40):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if a_wins(mid) else (lo, mid)
+        return BreakEven(a, b, base_mtok * lo, traffic.mean_rps * lo,
+                         f"{a} is cheaper than {b} only below {base_mtok * lo:,.0f} Mtok/month "
+                         f"({traffic.mean_rps * lo:.3g} req/s mean; {today})", cheaper_below=True)
     losing = [i for i, w in enumerate(wins) if not w]
     if not losing:
         s = scales[0]
@@ -206,4 +221,4 @@ def break_even(traffic: Traffic, fleet: Fleet, api: ApiPrice, a: str, b: str, *,
         lo, hi = (lo, mid) if a_wins(mid) else (mid, hi)
     return BreakEven(a, b, base_mtok * hi, traffic.mean_rps * hi,
                      f"{a} is cheaper than {b} above {base_mtok * hi:,.0f} Mtok/month "
-                     f"({traffic.mean_rps * hi:.3g} req/s mean; today {base_mtok:,.0f} Mtok/month)")
+                     f"({traffic.mean_rps * hi:.3g} req/s mean; {today})")
