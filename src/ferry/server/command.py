@@ -15,12 +15,20 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from types import FrameType
 
 import uvicorn
 
-from ferry.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from ferry.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 from ferry.server.app import ServerState, build_app, get_state
 from ferry.server.logging import configure_logging
 
@@ -161,17 +169,6 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.1)
 
 
-def _engine_loader(config: EngineConfig):  # type: ignore[no-untyped-def]
-    def load():  # type: ignore[no-untyped-def]
-        from ferry.engine.async_engine import AsyncEngine
-
-        engine = AsyncEngine.from_config(config)
-        engine.start()
-        return engine
-
-    return load
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         engine_config, server_config = configs_from_args(args)
@@ -179,13 +176,39 @@ def run(args: argparse.Namespace) -> int:
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, server_config.log_format)
-    app = build_app(_engine_loader(engine_config), server_config,
+    from ferry.engine.async_engine import AsyncEngine
+
+    # NOTE: the engine loop owns the main thread (PyTorch's OpenMP pool runs small matmuls ~3x
+    # slower from other threads); HTTP runs on a second thread and gets the engine once loaded,
+    # so /health answers 503 meanwhile.
+    loaded: Future[AsyncEngine] = Future()
+    app = build_app(loaded.result, server_config,
                     max_num_seqs=engine_config.scheduler.max_num_seqs)
     uv_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                log_config=None, access_log=False, lifespan="on",
                                timeout_graceful_shutdown=DrainingServer.GRACE_S)
     server = DrainingServer(uv_config, get_state(app))
-    asyncio.run(server.serve())
+
+    def serve_http() -> None:
+        try:
+            asyncio.run(server.serve())
+        finally:  # whatever ended HTTP also ends the engine loop on the main thread
+            if loaded.done() and loaded.exception() is None:
+                loaded.result().shutdown(timeout=0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http = threading.Thread(target=serve_http, name="ferry-http")
+    http.start()
+    try:
+        engine = AsyncEngine.from_config(engine_config)
+    except Exception as exc:  # reported by /health and the load watcher, which exits 1
+        loaded.set_exception(exc)
+    else:
+        loaded.set_result(engine)
+        if http.is_alive():
+            engine.run_forever()
+    http.join()
     if not server.started and server.exit_code == 0:
         return 1  # could not bind, or start-up failed; uvicorn logged why
     return server.exit_code
