@@ -121,3 +121,31 @@ def test_context_limit_finishes_with_length() -> None:
     while sched.has_unfinished():
         run_step(sched)
     assert req.num_tokens == 7 and req.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_unchunked_prefill_longer_than_the_budget_still_runs() -> None:
+    # Without chunked prefill a prompt over max_num_batched_tokens can never fit one step: it is
+    # chunked rather than waiting forever (and blocking every request queued behind it).
+    kv = KVCacheManager(16, BS)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8,
+                                      enable_chunked_prefill=False), kv, 1024)
+    sched.add_request(make("a", 10, max_tokens=2))
+    sched.add_request(make("b", 3, max_tokens=2))
+    assert run_step(sched)[0] == [("a", 8)]
+    assert run_step(sched)[0] == [("a", 2), ("b", 3)]
+    for _ in range(10):
+        if not sched.has_unfinished():
+            break
+        run_step(sched)
+    assert not sched.has_unfinished()
+    assert kv.num_free_blocks == 16
+
+
+def test_unchunked_prefill_waits_for_a_step_with_room() -> None:
+    kv = KVCacheManager(16, BS)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8,
+                                      enable_chunked_prefill=False), kv, 1024)
+    sched.add_request(make("a", 5, max_tokens=3))
+    sched.add_request(make("b", 6, max_tokens=3))
+    assert run_step(sched)[0] == [("a", 5)]  # b (6 tokens) does not fit the 3 left
+    assert run_step(sched)[0] == [("a", 1), ("b", 6)]

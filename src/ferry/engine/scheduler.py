@@ -140,7 +140,11 @@ class Scheduler:
             request = self.waiting[0]
             computed = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - request.num_computed_tokens - computed.num_tokens
-            if not self.config.enable_chunked_prefill and num_new > budget:
+            # NOTE: without chunked prefill a sequence waits for a step with room for all of it,
+            # unless it is longer than any step's budget (a long prompt, or prompt + output to
+            # recompute after preemption): that one is chunked instead of blocking the queue forever.
+            if (not self.config.enable_chunked_prefill
+                    and budget < num_new <= self.config.max_num_batched_tokens):
                 break
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(request, num_new, computed):
