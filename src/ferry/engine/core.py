@@ -59,6 +59,9 @@ class EngineCore:
             ids = [s.request.request_id for s in out.scheduled]
             for request_id in ids:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+            # NOTE: the step's blocks were hashed when scheduled; their KV may never have been
+            # written, so a later prompt must not hit them.
+            self.kv.reset_prefix_cache()
             logger.exception("engine step failed; aborted %s", ids)
             raise StepError(ids, exc) from exc
         return self.scheduler.update(out, runner_out)

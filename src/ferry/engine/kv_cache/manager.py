@@ -102,6 +102,12 @@ class KVCacheManager:
         if blocks:
             self.pool.free_blocks(reversed(blocks))
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every block hash (after a failed step: blocks are registered when scheduled, so
+        the failed step's hashes name KV that was never written). Live requests' full blocks are
+        registered again at their next allocation."""
+        self.pool.reset_prefix_cache()
+
     # -- internals ---------------------------------------------------------------------------
     def _hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         hashes = request.block_hashes
