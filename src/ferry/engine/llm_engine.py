@@ -62,8 +62,10 @@ class LLMEngine:
                 f"kv_cache_memory")
         children = [self._child(child_id(request_id, i), ids, params, max_tokens, i)
                     for i in range(params.n)]
+        # NOTE: the prompt's last tokens are decoding context: without them a sentencepiece
+        # tokenizer drops the first generated token's leading space (" Paris" -> "Paris").
         detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
-                                         params.include_stop_str_in_output)
+                                         params.include_stop_str_in_output, prompt_token_ids=ids)
                   for _ in range(params.n)]
         outputs = [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
                    for i in range(params.n)]
