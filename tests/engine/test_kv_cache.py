@@ -155,3 +155,19 @@ def test_prefix_caching_off_never_hits() -> None:
     assert kv.get_computed_blocks(b).num_tokens == 0
     kv.free(a)
     assert_all_free(kv)
+
+
+def test_prefix_stats_count_a_request_once_however_long_it_waits() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=BS)
+    a = make_request("a", list(range(100, 110)))
+    assert kv.allocate_slots(a, 10, kv.get_computed_blocks(a))
+    a.num_cached_tokens = 0  # what the scheduler records at admission
+    b = make_request("b", list(range(100, 108)) + [1, 2, 3])  # hits a's 2 full blocks
+    for _ in range(3):  # no free block for b's tail: looked up step after step
+        assert not kv.allocate_slots(b, 3, kv.get_computed_blocks(b))
+    kv.free(a)
+    assert kv.allocate_slots(b, 3, kv.get_computed_blocks(b))
+    stats = kv.prefix_cache_stats
+    assert (stats.queries, stats.hits) == (10 + 11, 8)
+    kv.free(b)
+    assert_all_free(kv)

@@ -68,9 +68,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        if request.num_cached_tokens < 0:  # count each request's first lookup only
-            self._queries += request.num_tokens
-            self._hits += len(hits) * self.block_size
         return ComputedBlocks(tuple(hits), len(hits) * self.block_size)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
@@ -89,6 +86,11 @@ class KVCacheManager:
             if not held:
                 del self._req_blocks[request.request_id]
             return False
+        if request.num_cached_tokens < 0:
+            # NOTE: counted when the request is first admitted, not at each lookup: a request that
+            # waits for free blocks is looked up again every step.
+            self._queries += request.num_tokens
+            self._hits += computed.num_tokens
         self.pool.touch(computed.blocks)
         held.extend(computed.blocks)
         if num_new_blocks > 0:
