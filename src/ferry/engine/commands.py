@@ -76,6 +76,8 @@ def _generate(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int
 
 
 def _chat(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int:
+    from ferry.engine.core import StepError
+
     engine = llm.engine
     history: list[dict[str, str]] = []
     print("ferry chat: type a message, or /exit to quit.", file=sys.stderr)
@@ -102,11 +104,16 @@ def _chat(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int:
             continue
         shown = 0
         text = ""
-        while engine.has_unfinished():
-            for out in engine.step():
-                text = out.outputs[0].text
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
+        try:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    text = out.outputs[0].text
+                    sys.stdout.write(text[shown:])
+                    sys.stdout.flush()
+                    shown = len(text)
+        except StepError as exc:  # the engine freed the turn's request; the chat goes on
+            print(f"\nerror: {exc}", file=sys.stderr)
+            history.pop()
+            continue
         print()
         history.append({"role": "assistant", "content": text})

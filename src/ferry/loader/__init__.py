@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ferry.loader.base import LoadedModel, ModelFormatError, ModelNotFoundError, expected_weight_shapes
+from ferry.loader.base import (
+    LoadedModel,
+    ModelFormatError,
+    ModelNotFoundError,
+    expected_weight_shapes,
+)
 from ferry.loader.registry import builtin_names, list_models, resolve
 
 _GGUF_MAGIC = b"GGUF"
@@ -31,8 +36,11 @@ def _load_path(path: Path, name: str) -> LoadedModel:
         from ferry.loader.safetensors_dir import load_safetensors_dir
 
         return load_safetensors_dir(path, name=name)
-    with path.open("rb") as f:
-        magic = f.read(4)
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc}") from exc
     if magic != _GGUF_MAGIC:
         raise ModelFormatError(f"{path} is not a GGUF file (bad magic {magic!r}); "
                                "pass a .gguf file or a Hugging Face folder")

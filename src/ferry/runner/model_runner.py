@@ -51,12 +51,14 @@ class ModelRunner:
         self.dtype = _DTYPES[model_config.dtype]
         self.block_size = cache_config.block_size
         self._block_ids = block_table_lookup
+        # NOTE: built on the meta device and cast there, so the weights are materialized once,
+        # directly in the target dtype on the target device (no float32 copy on the GPU).
         with torch.device("meta"):
             model = build_model(arch)
-        model = model.to_empty(device=self.device)
+        model = model.to(dtype=self.dtype).to_empty(device=self.device)
         model.load_weights(weights)  # type: ignore[operator]
-        model.init_buffers(self.device)  # type: ignore[operator]
-        self.model = model.to(self.dtype).eval()
+        model.init_buffers(self.device)  # type: ignore[operator]  # rotary tables stay float32
+        self.model = model.eval()
         self.num_blocks = num_kv_blocks(arch, cache_config, self.dtype, self.device)
         shape = (self.num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
         # NOTE: zero-filled, not empty: padded attention reads stale slots under a mask, and a NaN
@@ -87,7 +89,7 @@ class ModelRunner:
         batch = SamplingBatch.build(
             [r.sampling_params for r in requests], [r.generator for r in requests],
             [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
-            self.arch.eos_token_ids, logits.shape[-1], self.device)
+            self._eos_ids(requests), logits.shape[-1], self.device)
         result = self.sampler(logits, batch)
         return ModelRunnerOutput(self._to_tokens(requests, result))
 
@@ -99,6 +101,14 @@ class ModelRunner:
         input_ids, positions, meta, _ = self._prepare(order)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden)  # type: ignore[operator]  # [T, vocab]
+
+    @staticmethod
+    def _eos_ids(requests: list[Request]) -> list[int]:
+        """Every id that would end one of these sequences (min_tokens must block them all)."""
+        ids: set[int] = set()
+        for r in requests:
+            ids.update(r.eos_token_ids)
+        return sorted(ids)
 
     def _prepare(self, order: list[ScheduledRequest]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
