@@ -19,6 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from ferry.jsonfile import read_json_object
+
 # GGUF token types (llama.cpp `llama_token_type`).
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
@@ -97,7 +99,7 @@ class Tokenizer:
             backend = _Backend.from_file(str(tok_file))
         except Exception as e:  # NOTE: the Rust side raises a bare Exception on malformed JSON
             raise ValueError(f"cannot read {tok_file}: {e}") from e
-        config = _read_json(path / "tokenizer_config.json")
+        config = read_json_object(path / "tokenizer_config.json", missing_ok=True)
         special = {name: _token_content(config.get(name))
                    for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         template = _chat_template_from_config(path, config)
@@ -110,7 +112,8 @@ class Tokenizer:
         eos_ids: list[int] = []
         if special["eos_token"] is not None and backend.token_to_id(special["eos_token"]) is not None:
             eos_ids.append(backend.token_to_id(special["eos_token"]))
-        eos_ids += _as_id_list(_read_json(path / "generation_config.json").get("eos_token_id"))
+        generation = read_json_object(path / "generation_config.json", missing_ok=True)
+        eos_ids += _as_id_list(generation.get("eos_token_id"))
         return cls(backend, special_tokens=special, eos_token_ids=eos_ids, chat_template=template)
 
     @classmethod
@@ -234,18 +237,6 @@ class Tokenizer:
 
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
 
 
 def _token_content(value: Any) -> str | None:

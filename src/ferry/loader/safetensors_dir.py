@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ferry.config import ArchConfig
 from ferry.engine.tokenizer import Tokenizer
+from ferry.jsonfile import read_json_object
 from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
 
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -21,14 +21,8 @@ _SUPPORTED = frozenset(_MODEL_TYPES.values())
 _INDEX = "model.safetensors.index.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelFormatError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path} must hold a JSON object")
-    return data
+def _read_json(path: Path, missing_ok: bool = False) -> dict[str, Any]:
+    return read_json_object(path, missing_ok=missing_ok, error=ModelFormatError)
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -139,7 +133,7 @@ def load_safetensors_dir(path: Path, name: str | None = None) -> LoadedModel:
     if not config_file.is_file():
         raise ModelFormatError(f"{path} is not a Hugging Face model folder: it has no config.json")
     config = _read_json(config_file)
-    generation = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    generation = _read_json(path / "generation_config.json", missing_ok=True)
     try:
         tokenizer = Tokenizer.from_hf_folder(path)
     except ValueError as e:
