@@ -66,13 +66,17 @@ class EngineCore:
             raise StepError(ids, exc) from exc
         return self.scheduler.update(out, runner_out)
 
-    def add_request(self, request: Request) -> None:
-        needed = self.kv.num_blocks_needed(request.num_prompt_tokens + request.max_tokens)
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError when one sequence could never fit the KV pool, even running alone."""
+        needed = self.kv.num_blocks_needed(num_prompt_tokens + max_tokens)
         if needed > self.runner.num_blocks:
             raise ValueError(
-                f"request needs {needed} KV blocks (prompt {request.num_prompt_tokens} + "
-                f"max_tokens {request.max_tokens} tokens) but the pool has only "
-                f"{self.runner.num_blocks}; lower max_tokens or raise kv_cache_memory")
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {needed} "
+                f"KV blocks but the pool has {self.runner.num_blocks}; lower max_tokens or raise "
+                f"kv_cache_memory")
+
+    def add_request(self, request: Request) -> None:
+        self.check_fits(request.num_prompt_tokens, request.max_tokens)
         self.scheduler.add_request(request)
 
     def finish_request(self, request_id: str, status: RequestStatus,

@@ -54,12 +54,7 @@ class LLMEngine:
         if n_prompt + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
-        needed = self.core.kv.num_blocks_needed(n_prompt + max_tokens)
-        if needed > self.core.runner.num_blocks:
-            raise ValueError(
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs {needed} KV blocks "
-                f"but the pool has {self.core.runner.num_blocks}; lower max_tokens or raise "
-                f"kv_cache_memory")
+        self.core.check_fits(n_prompt, max_tokens)
         children = [self._child(child_id(request_id, i), ids, params, max_tokens, i)
                     for i in range(params.n)]
         # NOTE: the prompt's last tokens are decoding context: without them a sentencepiece

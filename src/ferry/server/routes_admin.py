@@ -12,7 +12,12 @@ from jinja2 import TemplateError
 from ferry.server.app import get_state
 from ferry.server.errors import OpenAIError, bad_request, error_body
 from ferry.server.metrics import CONTENT_TYPE
-from ferry.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from ferry.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from ferry.server.routes_openai import check_model, parse_body
 
 router = APIRouter()
@@ -26,7 +31,7 @@ async def health(request: Request) -> Response:
                    else "model is loading")
         return JSONResponse(error_body(503, message), status_code=503, headers={"Retry-After": "1"})
     if not state.engine.is_running:
-        reason = getattr(state.engine, "dead_reason", None) or "not running"
+        reason = state.engine.dead_reason or "not running"
         return JSONResponse(error_body(503, f"engine is not running: {reason}"), status_code=503)
     return JSONResponse({"status": "ok", "model": state.served_model_name})
 
