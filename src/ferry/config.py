@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_FORMATS = ("auto", "dense")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,14 @@ class ModelConfig:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
+    # "auto": GGUF Q4_0/Q4_1/Q8_0 weights stay in their blocks and run on ferry's CPU kernels
+    # (float32 on CPU only); "dense": every weight is dequantized to ``dtype`` at load.
+    weight_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, "
+                             f"got {self.weight_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

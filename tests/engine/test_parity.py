@@ -1,4 +1,8 @@
-"""Parity with Hugging Face transformers on the same weights: logits close, greedy tokens equal."""
+"""Parity with Hugging Face transformers on the same weights: logits close, greedy tokens equal.
+
+GGUF files run both ways: with their Q4_0/Q4_1/Q8_0 blocks on ferry's quantized kernels
+(``weight_format="auto"``, the default) and dequantized to float32 (``"dense"``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from ferry import LLM, SamplingParams
 from ferry.engine.request import Request
 from ferry.engine.scheduler import ScheduledRequest, SchedulerOutput
 
+from gguf import GGMLQuantizationType as Q
 from hf_reference import hf_greedy, load_hf
+from loader.test_gguf import write_gguf
 
 PROMPTS = [
     "The quick brown fox",
@@ -61,11 +67,75 @@ def check_parity(llm: LLM, hf: Any) -> None:
     assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_total_blocks
 
 
-def test_smollm2_gguf_matches_transformers(smollm2_path: Path, hf_smollm2: Any) -> None:
-    check_parity(LLM(str(smollm2_path), kv_cache_memory=64 << 20), hf_smollm2)
+@pytest.mark.parametrize("weight_format,packed", [("auto", 30 * 4 + 1), ("dense", 0)])
+def test_smollm2_gguf_matches_transformers(smollm2_path: Path, hf_smollm2: Any,
+                                           weight_format: str, packed: int) -> None:
+    llm = LLM(str(smollm2_path), kv_cache_memory=64 << 20, weight_format=weight_format)
+    # auto: every linear layer (Q4_1) and the tied embedding/output head (Q8_0) stay quantized
+    assert llm.engine.core.runner.num_packed_layers == packed
+    check_parity(llm, hf_smollm2)
+
+
+def check_formats_agree(path: Path, packed: int) -> None:
+    """The same GGUF file with quantized kernels and dequantized: logits and greedy tokens."""
+    auto = LLM(str(path), kv_cache_memory=8 << 20, weight_format="auto")
+    dense = LLM(str(path), kv_cache_memory=8 << 20, weight_format="dense")
+    assert auto.engine.core.runner.num_packed_layers == packed
+    ids = [5, 17, 200, 3, 99, 42, 7, 150, 64, 11, 230, 1]
+    a, d = ferry_prompt_logits(auto, ids), ferry_prompt_logits(dense, ids)
+    assert (a - d).abs().max().item() < 1e-4 * d.abs().max().item()
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids[:n]} for n in (1, 5, 12)]
+    assert ([o.outputs[0].token_ids for o in auto.generate(prompts, params)]
+            == [o.outputs[0].token_ids for o in dense.generate(prompts, params)])
+
+
+def test_gguf_with_mixed_types_packs_only_layers_one_kernel_can_run(tmp_path: Path) -> None:
+    # layer 1 fuses q (Q8_0), k (Q4_0) and v (Q4_1), and gate (Q5_1) with up (Q8_0): both stay
+    # dense; its down projection (Q4_0) and the embedding (Q8_0) are packed; layer 0 has no
+    # kernel types at all, and the output head is Q6_K.
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path)
+    check_formats_agree(path, packed=2)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_gguf_of_one_type_packs_every_linear(tmp_path: Path, qtype: Q) -> None:
+    path = tmp_path / f"{qtype.name}.gguf"
+    layer_weights = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    types = {f"blk.{i}.{w}.weight": qtype for i in range(2) for w in layer_weights}
+    write_gguf(path, types=types, tied=True)  # the Q8_0 embedding is the output head too
+    check_formats_agree(path, packed=2 * 4 + 1)
+
+
+def test_auto_keeps_bfloat16_dense(tmp_path: Path) -> None:
+    path = tmp_path / "bf16.gguf"
+    write_gguf(path)
+    llm = LLM(str(path), kv_cache_memory=8 << 20, dtype="bfloat16")
+    assert llm.engine.core.runner.num_packed_layers == 0
+    with pytest.raises(ValueError, match="weight_format"):
+        LLM(str(path), weight_format="int4")
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_tiny_hf_folders_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
     folder: Path = request.getfixturevalue(fixture)
     check_parity(LLM(str(folder), kv_cache_memory=16 << 20), load_hf(folder))
+
+
+def test_auto_falls_back_to_dense_when_the_kernels_cannot_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ferry.kernels.build import KernelUnavailableError
+    from ferry.runner import model_runner
+
+    def no_compiler() -> None:
+        raise KernelUnavailableError("building the quantized kernels needs a C++ compiler (c++)")
+
+    monkeypatch.setattr(model_runner, "load_quant_ops", no_compiler)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    llm = LLM(str(path), kv_cache_memory=8 << 20)
+    assert llm.engine.core.runner.num_packed_layers == 0
+    assert "C++ compiler" in caplog.text and "dequantized to float32" in caplog.text
+    out = llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3

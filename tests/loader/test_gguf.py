@@ -12,6 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from ferry.kernels.packing import QuantizedTensor
 from ferry.loader import LoadedModel, ModelFormatError, ModelNotFoundError, load_model
 from ferry.loader.gguf import load_gguf, unpermute_rope_rows
 
@@ -412,3 +413,20 @@ def test_inconsistent_files_are_format_errors(tmp_path: Path, case: dict[str, An
     write_gguf(path, **case)
     with pytest.raises(ModelFormatError, match=match):
         load_model(str(path))
+
+
+def test_keep_quantized_yields_the_same_weights_as_blocks(tmp_path: Path) -> None:
+    """Q4_0/Q4_1/Q8_0 weights come as raw blocks, rows already un-permuted; others as float32."""
+    path = tmp_path / "tiny.gguf"
+    expected = write_gguf(path)
+    got = dict(load_model(str(path)).weights(keep_quantized=True))
+    kept = set()
+    for name, ref in expected.items():
+        tensor = got[to_hf(name)]
+        if isinstance(tensor, QuantizedTensor):
+            kept.add(name)
+            assert tensor.shape == ref.shape
+            tensor = tensor.dequantize()
+        np.testing.assert_array_equal(tensor.numpy(), ref, err_msg=name)
+    assert kept == {n for n, t in DEFAULT_TYPES.items() if t in (Q.Q4_0, Q.Q4_1, Q.Q8_0)}
+    assert "blk.1.attn_k.weight" in kept  # a permuted rope projection kept as blocks

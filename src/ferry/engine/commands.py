@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+from ferry.config import WEIGHT_FORMATS
 from ferry.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="built-in name, .gguf file or Hugging Face folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
+                        help="auto: keep GGUF Q4_0/Q4_1/Q8_0 weights quantized (float32, CPU); "
+                             "dense: dequantize them at load")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -59,7 +63,7 @@ def _load(args: argparse.Namespace) -> Any:
     from ferry import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device,
-               kv_cache_memory=args.kv_cache_memory)
+               kv_cache_memory=args.kv_cache_memory, weight_format=args.weight_format)
 
 
 def _messages(args: argparse.Namespace, history: list[dict[str, str]]) -> list[dict[str, str]]:

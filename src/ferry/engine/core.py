@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
-
-import torch
 
 from ferry.config import ArchConfig, EngineConfig
 from ferry.engine.kv_cache import KVCacheManager
 from ferry.engine.request import Request, RequestStatus
 from ferry.engine.scheduler import EngineCoreOutput, Scheduler
-from ferry.runner.model_runner import ModelRunner
+from ferry.runner.model_runner import ModelRunner, WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +35,7 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, arch: ArchConfig,
-                 weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, config: EngineConfig, arch: ArchConfig, weights: WeightSource) -> None:
         self.config = config
         self.arch = arch
         self.max_model_len = resolve_max_model_len(arch, config.model.max_model_len)

@@ -30,7 +30,7 @@ class LLMEngine:
         self.model_name = loaded.name
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.arch = loaded.arch
-        self.core = EngineCore(config, loaded.arch, loaded.weights())
+        self.core = EngineCore(config, loaded.arch, loaded.weights)
         self.max_model_len = self.core.max_model_len
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)
                                           | set(loaded.arch.eos_token_ids)))
@@ -131,9 +131,9 @@ class LLM:
                  block_size: int = 16, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, num_gpu_blocks_override: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, weight_format: str = "auto") -> None:
         config = EngineConfig(
-            ModelConfig(model, dtype, device, max_model_len, seed),
+            ModelConfig(model, dtype, device, max_model_len, seed, weight_format),
             CacheConfig(block_size, kv_cache_memory, enable_prefix_caching,
                         num_gpu_blocks_override),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill))

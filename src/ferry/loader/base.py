@@ -10,6 +10,7 @@ import torch
 
 from ferry.config import ArchConfig
 from ferry.engine.tokenizer import Tokenizer
+from ferry.kernels.packing import QuantizedTensor
 
 
 class ModelNotFoundError(ValueError):
@@ -28,17 +29,22 @@ class LoadedModel:
     tokenizer: Tokenizer
     # NOTE: a factory, not a dict of tensors: the weights are produced one at a time when the
     # model is built, so the dequantized model is never held twice.
-    weight_iter: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False, compare=False)
+    weight_iter: Callable[[bool], Iterator[tuple[str, torch.Tensor | QuantizedTensor]]] = field(
+        repr=False, compare=False)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, keep_quantized: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """``(hf_name, float32 CPU tensor [out, in])`` one at a time, in file order.
+
+        With ``keep_quantized``, GGUF weights stored as Q4_0, Q4_1 or Q8_0 come as
+        ``QuantizedTensor`` (raw blocks, rows in Hugging Face order) instead of float32.
 
         Names: model.embed_tokens.weight, model.layers.{i}.input_layernorm.weight,
         model.layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ q/k/v .bias when arch.attention_bias),
         model.layers.{i}.post_attention_layernorm.weight, model.layers.{i}.mlp.{gate,up,down}_proj.weight,
         model.norm.weight and lm_head.weight (omitted when arch.tie_word_embeddings).
         """
-        return self.weight_iter()
+        return self.weight_iter(keep_quantized)
 
 
 def expected_weight_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ferry.config import ArchConfig
 from ferry.engine.tokenizer import Tokenizer
+from ferry.kernels.packing import KERNEL_TYPES, QuantizedTensor
 from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -121,6 +122,16 @@ def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
     return np.array(arr, dtype=np.float32, copy=True).reshape(shape)
 
 
+def raw_quantized(t: ReaderTensor, shape: tuple[int, ...]) -> QuantizedTensor:
+    """A Q4_0/Q4_1/Q8_0 weight's blocks, copied out of the memory map, one row per output."""
+    n, k = shape
+    try:
+        blocks = np.array(t.data, dtype=np.uint8, copy=True).reshape(n, -1)
+        return QuantizedTensor(t.tensor_type, (n, k), blocks)
+    except ValueError as e:
+        raise ModelFormatError(f"tensor {t.name} ({t.tensor_type.name}) is malformed: {e}") from e
+
+
 def arch_from_metadata(fields: Mapping[str, Any], tensors: Mapping[str, tuple[int, ...]],
                        tokenizer: Tokenizer) -> ArchConfig:
     """``ArchConfig`` from ``{arch}.*`` metadata; ``tensors`` maps GGUF names to numpy shapes."""
@@ -217,14 +228,21 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     permute = fields["general.architecture"] in _ROPE_PERMUTED
     heads = {"self_attn.q_proj": arch.num_attention_heads, "self_attn.k_proj": arch.num_key_value_heads}
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(keep_quantized: bool) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         tensors = [t for t in reader.tensors if t.name in names]
         for t in tqdm(tensors, desc=f"Loading {path.name}", unit="tensor", disable=None):
             out = names[t.name]
-            w = dequantize_tensor(t)
             module = out.rsplit(".", 1)[0].split(".", 3)[-1]  # e.g. "self_attn.q_proj"
-            if permute and module in heads:
-                w = unpermute_rope_rows(w, heads[module])
+            n_head = heads.get(module) if permute else None
+            if keep_quantized and t.tensor_type in KERNEL_TYPES and len(shapes[t.name]) == 2:
+                q = raw_quantized(t, shapes[t.name])
+                if n_head is not None:
+                    q = q.take_rows(unpermute_rope_rows(np.arange(q.shape[0]), n_head))
+                yield out, q
+                continue
+            w = dequantize_tensor(t)
+            if n_head is not None:
+                w = unpermute_rope_rows(w, n_head)
             yield out, torch.from_numpy(np.ascontiguousarray(w))
 
     return LoadedModel(name=name or path.name, source=path.resolve(), arch=arch, tokenizer=tokenizer,

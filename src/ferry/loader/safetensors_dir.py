@@ -158,7 +158,8 @@ def load_safetensors_dir(path: Path, name: str | None = None) -> LoadedModel:
     for key in expected:
         by_file.setdefault(found[key][0], []).append(key)
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(keep_quantized: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        del keep_quantized  # safetensors folders hold no GGUF blocks
         with tqdm(total=len(expected), desc=f"Loading {path.name}", unit="tensor", disable=None) as bar:
             for f, keys in by_file.items():
                 try:

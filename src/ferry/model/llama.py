@@ -7,20 +7,26 @@ matmul each (loaded from the separate Hugging Face tensors).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ferry.config import ArchConfig
+from ferry.kernels.packing import QuantizedTensor, concat_rows, pack
 from ferry.model.layers.attention import AttentionMetadata, paged_attention
+from ferry.model.layers.linear import Linear, PackedWeight, VocabEmbedding
 from ferry.model.layers.norm import RMSNorm
 from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, D]
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+Weight = torch.Tensor | QuantizedTensor
 
 
 class LlamaAttention(nn.Module):
@@ -31,9 +37,9 @@ class LlamaAttention(nn.Module):
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+                               bias=arch.attention_bias)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache,
@@ -53,8 +59,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.intermediate = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
@@ -80,18 +86,18 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rope = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
                                     arch.rope_scaling)
         self.lm_head = (None if arch.tie_word_embeddings
-                        else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False))
+                        else Linear(arch.hidden_size, arch.vocab_size, bias=False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens.embed(input_ids)
         rope = self.rope(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
@@ -105,32 +111,63 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> logits: [N, vocab] float32
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return head(hidden).float()
 
     # -- weights -----------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, filling the fused q/k/v and gate/up slices."""
+    def load_weights(self, weights: Iterable[tuple[str, Weight]],
+                     quant_ops: ModuleType | None = None) -> int:
+        """Copy Hugging Face-named tensors in, filling the fused q/k/v and gate/up slices.
+
+        ``QuantizedTensor`` weights are kept packed when ``quant_ops`` (the compiled kernels) is
+        given and every slice of the layer's weight arrives quantized with one type; otherwise
+        they are dequantized like any other. Returns how many layers hold packed weights.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        quantized: dict[str, list[tuple[tuple[int, int] | None, QuantizedTensor]]] = (
+            defaultdict(list))
         for name, tensor in weights:
             target, rows = self._target(name)
             if target is None:
                 continue  # e.g. rotary inv_freq buffers in old checkpoints
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r} for {self.arch.architecture}")
-            param = params[target]
-            with torch.no_grad():
-                dst = param.data if rows is None else param.data[rows[0]:rows[1]]
-                if dst.shape != tensor.shape:
-                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(dst.shape)}")
-                dst.copy_(tensor)
+            if isinstance(tensor, QuantizedTensor) and quant_ops is not None:
+                quantized[target].append((rows, tensor))
+            else:
+                self._copy_in(name, params[target], rows, tensor)
             loaded.add(f"{target}:{rows}")
         expected = self._expected_slices(params)
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
+        packed = 0
+        for target, parts in quantized.items():
+            parts.sort(key=lambda p: p[0] or (0, 0))
+            tensors = [t for _, t in parts]
+            layer = self.get_submodule(target.rsplit(".", 1)[0])
+            fused = concat_rows(tensors) if len({t.qtype for t in tensors}) == 1 else None
+            if (isinstance(layer, Linear) and target.endswith(".weight") and fused is not None
+                    and fused.shape == tuple(params[target].shape)):
+                layer.use_packed(PackedWeight(pack(fused), quant_ops))
+                packed += 1
+            else:  # e.g. q/k in Q4_1 but v in Q6_K: one kernel cannot run the fused matmul
+                for rows, t in parts:
+                    self._copy_in(target, params[target], rows, t)
+        return packed
+
+    @staticmethod
+    def _copy_in(name: str, param: nn.Parameter, rows: tuple[int, int] | None,
+                 tensor: Weight) -> None:
+        if isinstance(tensor, QuantizedTensor):
+            tensor = tensor.dequantize()
+        with torch.no_grad():
+            dst = param.data if rows is None else param.data[rows[0]:rows[1]]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(tensor)
 
     def _target(self, name: str) -> tuple[str | None, tuple[int, int] | None]:
         name = name.removeprefix("model.")

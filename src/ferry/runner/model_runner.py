@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from types import ModuleType
 
 import torch
 
@@ -19,8 +20,9 @@ from ferry.engine.scheduler import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from ferry.kernels.build import KernelUnavailableError, load_quant_ops
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
-from ferry.model.llama import KVCache
+from ferry.model.llama import KVCache, Weight
 from ferry.model.registry import build_model
 from ferry.outputs import Logprob
 from ferry.runner.memory import num_kv_blocks
@@ -29,6 +31,9 @@ from ferry.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# ``LoadedModel.weights``: (HF name, tensor) pairs; with True, GGUF blocks may stay quantized
+WeightSource = Callable[[bool], Iterable[tuple[str, Weight]]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,10 +47,9 @@ def resolve_device(name: str) -> torch.device:
 
 class ModelRunner:
     def __init__(self, arch: ArchConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                 weights: Iterable[tuple[str, torch.Tensor]],
-                 block_table_lookup: Callable[[str], list[int]]) -> None:
-        """``weights``: (HF name, tensor) pairs; ``block_table_lookup(request_id)`` gives a
-        request's block ids (the KV cache manager's ``block_ids``)."""
+                 weights: WeightSource, block_table_lookup: Callable[[str], list[int]]) -> None:
+        """``block_table_lookup(request_id)`` gives a request's block ids (the KV cache
+        manager's ``block_ids``)."""
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = _DTYPES[model_config.dtype]
@@ -56,7 +60,12 @@ class ModelRunner:
         with torch.device("meta"):
             model = build_model(arch)
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
-        model.load_weights(weights)  # type: ignore[operator]
+        quant_ops = self._quant_ops(model_config)
+        self.num_packed_layers: int = model.load_weights(  # type: ignore[operator]
+            weights(quant_ops is not None), quant_ops)
+        if quant_ops is not None:
+            logger.info("%d layers run on GGUF quantized blocks (CPU kernels)",
+                        self.num_packed_layers)
         model.init_buffers(self.device)  # type: ignore[operator]  # rotary tables stay float32
         self.model = model.eval()
         self.num_blocks = num_kv_blocks(arch, cache_config, self.dtype, self.device)
@@ -70,6 +79,20 @@ class ModelRunner:
         self.sampler = Sampler()
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks,
                     self.block_size, self.kv_cache_bytes / 2**20, self.device)
+
+    def _quant_ops(self, model_config: ModelConfig) -> ModuleType | None:
+        """The compiled kernels when quantized GGUF weights may stay packed, else None."""
+        if model_config.weight_format == "dense":
+            return None
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            logger.info("weight_format auto: GGUF weights are dequantized to %s (the quantized "
+                        "kernels run float32 on CPU only)", model_config.dtype)
+            return None
+        try:
+            return load_quant_ops()
+        except KernelUnavailableError as e:
+            logger.warning("%s; GGUF weights are dequantized to float32 instead", e)
+            return None
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -23,6 +23,7 @@ from types import FrameType
 import uvicorn
 
 from ferry.config import (
+    WEIGHT_FORMATS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                    help="the name clients put in `model` (default: the model's own name)")
     g.add_argument("--dtype", default=defaults_m.dtype, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default=defaults_m.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--weight-format", default=defaults_m.weight_format, choices=WEIGHT_FORMATS,
+                   help="auto: GGUF Q4_0/Q4_1/Q8_0 weights stay quantized on ferry's CPU kernels "
+                        "(float32 on CPU); dense: dequantize every weight to --dtype "
+                        "(default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens (default: the model's)")
     g.add_argument("--seed", type=int, default=defaults_m.seed, help="engine seed")
@@ -94,7 +99,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
     """Build (and so validate) the frozen configs; ValueError names the bad field."""
     engine = EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                          max_model_len=args.max_model_len, seed=args.seed),
+                          max_model_len=args.max_model_len, seed=args.seed,
+                          weight_format=args.weight_format),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,

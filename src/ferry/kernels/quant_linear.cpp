@@ -1,0 +1,259 @@
+// Linear layers over GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) with float32 activations.
+//
+// Decode on a CPU is bound by reading weights; keeping Q4_1 weights at 0.75 bytes each instead of
+// 4 (float32) is the point. The weights are repacked at load time (ferry/kernels/packing.py) into
+// tiles of 16 output rows:
+//   codes: uint8 [N/16, K/2, 16]  Q4: byte (p, j) = code(k=2p) | code(k=2p+1) << 4 of row 16t+j
+//          uint8 [N/16, K, 16]    Q8_0: the int8 code of (k, row 16t+j)
+//   d, m:  float32 [N/16, K/32, 16]  per 32-wide block and row (m: Q4_1 only)
+// so one vector load gives one k for 16 rows, and the kernel accumulates a [rows x 16] tile of
+// the output in registers (no horizontal sums).
+//
+// Each weight is dequantized with the same float32 operations gguf-py uses (d * q + m for Q4_1,
+// d * (q - 8) for Q4_0, q * d for Q8_0; this file is built with -ffp-contract=off so the compiler
+// cannot fuse them), so the weights equal the float32 reference exactly; only the summation order
+// of the dot products differs from a float32 GEMM.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // weights per quant block along K, for every supported type
+constexpr int64_t kTile = 16;   // output rows per packed tile
+constexpr int kMaxRows = 16;    // activation rows per register tile
+
+enum QuantType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+
+struct Packed {
+  const uint8_t* codes;
+  const float* d;
+  const float* m;
+  int64_t k;
+  int64_t tile_code_bytes;  // bytes of codes per tile
+  int64_t tile_scales;      // floats of d (and of m) per tile
+};
+
+#if defined(__AVX512F__)
+
+template <int64_t QT>
+inline __m512 dequant(__m128i codes16, __m512 d, __m512 m) {
+  if constexpr (QT == kQ8_0) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes16)), d);
+  } else if constexpr (QT == kQ4_1) {
+    return _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes16))), m);
+  } else {
+    const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(codes16), _mm512_set1_epi32(8));
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(q));
+  }
+}
+
+// out[r, 0:cols] = sum_k x[r, k] * w[tile row, k] for r < R; x rows are ldx apart, out rows ldo.
+template <int64_t QT, int R>
+void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
+                 int64_t ldo, int64_t cols) {
+  // NOTE: with few rows, two accumulators a row (even and odd k) keep both FMA units busy instead
+  // of waiting on one dependency chain; with many, registers run out first.
+  constexpr int S = R >= 6 ? 1 : 2;
+  __m512 acc[R][S];
+  for (int r = 0; r < R; ++r) {
+    for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
+  }
+  const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
+  const float* dt = p.d + tile * p.tile_scales;
+  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t nb = p.k / kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 d = _mm512_loadu_ps(dt + b * kTile);
+    const __m512 m = QT == kQ4_1 ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
+    const uint8_t* block_codes = codes + b * kBlock * kTile / (QT == kQ8_0 ? 1 : 2);
+    // the next block's codes, a few cache lines ahead of the loads below
+    _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024 + 64, _MM_HINT_T0);
+    for (int64_t j = 0; j < kBlock / 2; ++j) {
+      const int64_t k = b * kBlock + 2 * j;
+      __m512 w0, w1;
+      if constexpr (QT == kQ8_0) {
+        w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m);
+        w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m);
+      } else {
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + j * kTile));
+        w0 = dequant<QT>(_mm_and_si128(c, low4), d, m);
+        w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m);
+      }
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[r * ldx + k]), acc[r][0]);
+        acc[r][S - 1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[r * ldx + k + 1]), acc[r][S - 1]);
+      }
+    }
+  }
+  const __mmask16 mask = cols >= kTile ? static_cast<__mmask16>(0xFFFF)
+                                       : static_cast<__mmask16>((1u << cols) - 1);
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = S == 1 ? acc[r][0] : _mm512_add_ps(acc[r][0], acc[r][S - 1]);
+    _mm512_mask_storeu_ps(out + r * ldo, mask, sum);
+  }
+}
+
+#else  // portable fallback: same layout and arithmetic, one weight at a time
+
+template <int64_t QT>
+inline float dequant_one(const uint8_t* codes, int64_t k, int64_t j, float d, float m) {
+  if constexpr (QT == kQ8_0) {
+    return static_cast<float>(static_cast<int8_t>(codes[k * kTile + j])) * d;
+  } else {
+    const uint8_t byte = codes[(k / 2) * kTile + j];
+    const int q = (k % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+    if constexpr (QT == kQ4_1) {
+      return d * static_cast<float>(q) + m;
+    } else {
+      return d * static_cast<float>(q - 8);
+    }
+  }
+}
+
+template <int64_t QT, int R>
+void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
+                 int64_t ldo, int64_t cols) {
+  float acc[R][kTile] = {};
+  const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
+  const float* dt = p.d + tile * p.tile_scales;
+  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+  for (int64_t k = 0; k < p.k; ++k) {
+    const int64_t b = k / kBlock;
+    float w[kTile];
+    for (int64_t j = 0; j < kTile; ++j) {
+      w[j] = dequant_one<QT>(codes, k, j, dt[b * kTile + j], mt ? mt[b * kTile + j] : 0.0f);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * ldx + k];
+      for (int64_t j = 0; j < kTile; ++j) acc[r][j] += w[j] * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < cols; ++j) out[r * ldo + j] = acc[r][j];
+  }
+}
+
+#endif
+
+template <int64_t QT, int R>
+void run_rows(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
+              int64_t ldo, int64_t cols, int64_t rows) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      run_rows<QT, R - 1>(x, ldx, p, tile, out, ldo, cols, rows);
+      return;
+    }
+  }
+  tile_kernel<QT, R>(x, ldx, p, tile, out, ldo, cols);
+}
+
+template <int64_t QT>
+void quant_matmul(const float* x, int64_t rows, const Packed& p, int64_t n, float* out) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, tiles / (4 * at::get_num_threads()));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t cols = std::min(kTile, n - t * kTile);
+      // NOTE: the tile's codes (<= 25 KB for K <= 1536) stay in L1 across the row blocks.
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+        run_rows<QT, kMaxRows>(x + r0 * p.k, p.k, p, t, out + r0 * n + t * kTile, n, cols,
+                               std::min<int64_t>(kMaxRows, rows - r0));
+      }
+    }
+  });
+}
+
+Packed check_packed(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
+                    int64_t qtype, int64_t n, int64_t k) {
+  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, "unknown quant type ", qtype);
+  TORCH_CHECK(k > 0 && k % kBlock == 0, "in_features must be a multiple of 32, got ", k);
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t per_k = qtype == kQ8_0 ? kTile : kTile / 2;
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte &&
+                  codes.is_contiguous() && codes.numel() == tiles * k * per_k,
+              "codes must be a contiguous uint8 CPU tensor of ", tiles * k * per_k, " bytes");
+  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() &&
+                  d.numel() == tiles * (k / kBlock) * kTile,
+              "d must be a contiguous float32 tensor [N/16, K/32, 16]");
+  if (qtype == kQ4_1) {
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.numel() == d.numel(),
+                "m must be a contiguous float32 tensor shaped like d");
+  }
+  return Packed{codes.data_ptr<uint8_t>(), d.data_ptr<float>(),
+                qtype == kQ4_1 ? m.data_ptr<float>() : nullptr, k, k * per_k,
+                (k / kBlock) * kTile};
+}
+
+// x: [M, K] float32 -> x @ W.T: [M, N]
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d,
+                        const at::Tensor& m, int64_t qtype, int64_t n) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "x must be a float32 CPU [M, K] tensor");
+  const int64_t k = x.size(1);
+  const Packed p = check_packed(codes, d, m, qtype, n, k);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0) return out;
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  switch (qtype) {
+    case kQ4_0: quant_matmul<kQ4_0>(xp, x.size(0), p, n, op); break;
+    case kQ4_1: quant_matmul<kQ4_1>(xp, x.size(0), p, n, op); break;
+    default: quant_matmul<kQ8_0>(xp, x.size(0), p, n, op); break;
+  }
+  return out;
+}
+
+// Rows `ids` of the dequantized W (an embedding lookup): ids [T] int64 -> [T, K] float32
+at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tensor& d,
+                      const at::Tensor& m, int64_t qtype, int64_t n, int64_t k) {
+  const Packed p = check_packed(codes, d, m, qtype, n, k);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "ids must be int64 [T]");
+  const at::Tensor idc = ids.contiguous();
+  const int64_t t = idc.size(0);
+  const int64_t* id_ptr = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK(id_ptr[i] >= 0 && id_ptr[i] < n, "row id ", id_ptr[i], " out of range [0, ", n,
+                ")");
+  }
+  at::Tensor out = at::empty({t, k}, d.options());
+  float* o_ptr = out.data_ptr<float>();
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t tile = id_ptr[i] / kTile;
+    const int64_t j = id_ptr[i] % kTile;
+    const uint8_t* codes_t = p.codes + tile * p.tile_code_bytes;
+    const float* dt = p.d + tile * p.tile_scales;
+    const float* mt = qtype == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+    float* o = o_ptr + i * k;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const int64_t s = (kk / kBlock) * kTile + j;
+      if (qtype == kQ8_0) {
+        o[kk] = static_cast<float>(static_cast<int8_t>(codes_t[kk * kTile + j])) * dt[s];
+      } else {
+        const uint8_t byte = codes_t[(kk / 2) * kTile + j];
+        const int q = (kk % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+        o[kk] = qtype == kQ4_1 ? dt[s] * static_cast<float>(q) + mt[s]
+                               : dt[s] * static_cast<float>(q - 8);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("quant_linear", &quant_linear, "x @ dequantize(W).T over a tile-packed quantized W");
+  mod.def("quant_rows", &quant_rows, "rows of dequantize(W) (embedding lookup)");
+}

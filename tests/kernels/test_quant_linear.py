@@ -1,0 +1,136 @@
+"""The quantized-weight CPU kernels against gguf-py's own dequantization.
+
+Rows (embedding lookups) must equal gguf-py's float32 weights bit for bit; products may differ
+from a float64 reference only by float32 summation error. The portable (non-AVX-512) build of the
+same source is held to the same standard.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+from ferry.kernels.build import load_quant_ops
+from ferry.kernels.packing import QuantizedTensor, concat_rows, pack
+from ferry.model.layers.linear import Linear, PackedWeight, VocabEmbedding
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+@pytest.fixture(scope="module")
+def ops() -> ModuleType:
+    return load_quant_ops()
+
+
+@pytest.fixture(scope="module")
+def portable_ops() -> ModuleType:
+    # the same source without AVX-512: the fallback loops a machine without it would run
+    return load_quant_ops(["-mno-avx512f"])
+
+
+def random_quantized(qtype: Q, n: int, k: int, seed: int = 0) -> QuantizedTensor:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.05, size=(n, k)).astype(np.float32)
+    w[:, :32] += 0.2  # a block with a large offset, so Q4_1's minimum matters
+    return QuantizedTensor(qtype, (n, k), quantize(w, qtype))
+
+
+def reference(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    return (x.double() @ q.dequantize().double().T).float()
+
+
+def assert_close_to_reference(got: torch.Tensor, x: torch.Tensor, q: QuantizedTensor) -> None:
+    want = reference(x, q)
+    scale = (x.double().abs() @ q.dequantize().double().abs().T).float() + 1e-6
+    # float32 summation over K terms: a few ulps of the sum of magnitudes
+    assert torch.all((got - want).abs() <= 4e-7 * q.shape[1] ** 0.5 * scale), (
+        (got - want).abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n,k", [(1, 32), (17, 64), (40, 576), (96, 1536)])
+def test_rows_equal_gguf_dequantization_exactly(ops: ModuleType, qtype: Q, n: int, k: int) -> None:
+    q = random_quantized(qtype, n, k)
+    packed = PackedWeight(pack(q), ops)
+    ids = torch.tensor([n - 1, 0, n // 2, n - 1])
+    assert torch.equal(packed.rows(ids), q.dequantize()[ids])
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 40])
+def test_matmul_matches_float64_reference(ops: ModuleType, qtype: Q, m: int) -> None:
+    q = random_quantized(qtype, 72, 576, seed=m)  # 72 rows: four full tiles and a half tile
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m))
+    assert_close_to_reference(PackedWeight(pack(q), ops).matmul(x), x, q)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_portable_build_computes_the_same(ops: ModuleType, portable_ops: ModuleType,
+                                          qtype: Q) -> None:
+    assert portable_ops.__name__ != ops.__name__
+    q = random_quantized(qtype, 40, 96)
+    x = torch.randn(19, 96, generator=torch.Generator().manual_seed(1))
+    portable = PackedWeight(pack(q), portable_ops)
+    assert_close_to_reference(portable.matmul(x), x, q)
+    ids = torch.tensor([3, 39])
+    assert torch.equal(portable.rows(ids), q.dequantize()[ids])
+
+
+def test_empty_batch_and_non_contiguous_input(ops: ModuleType) -> None:
+    q = random_quantized(Q.Q4_1, 20, 64)
+    packed = PackedWeight(pack(q), ops)
+    assert packed.matmul(torch.empty(0, 64)).shape == (0, 20)
+    x = torch.randn(64, 6).T  # [6, 64], not contiguous
+    assert_close_to_reference(packed.matmul(x), x, q)
+
+
+def test_bad_inputs_raise_instead_of_reading_out_of_bounds(ops: ModuleType) -> None:
+    packed = PackedWeight(pack(random_quantized(Q.Q4_0, 20, 64)), ops)
+    with pytest.raises(RuntimeError, match="float32"):
+        packed.matmul(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="bytes"):
+        packed.matmul(torch.randn(2, 96))  # wrong in_features for these codes
+    with pytest.raises(RuntimeError, match="out of range"):
+        packed.rows(torch.tensor([20]))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantizedTensor(Q.Q4_0, (4, 48), np.zeros((4, 27), dtype=np.uint8))
+    with pytest.raises(ValueError, match="do not hold"):
+        QuantizedTensor(Q.Q4_0, (4, 64), np.zeros((4, 35), dtype=np.uint8))
+    with pytest.raises(ValueError, match="no kernel"):
+        QuantizedTensor(Q.Q6_K, (4, 256), np.zeros((4, 210), dtype=np.uint8))
+
+
+def test_fused_rows_and_reordering(ops: ModuleType) -> None:
+    a, b = random_quantized(Q.Q8_0, 24, 64, seed=1), random_quantized(Q.Q8_0, 8, 64, seed=2)
+    fused = concat_rows([a, b])
+    assert fused.shape == (32, 64)
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    order = np.arange(32)[::-1].copy()
+    assert torch.equal(fused.take_rows(order).dequantize(), fused.dequantize()[order])
+    with pytest.raises(ValueError, match="different"):
+        concat_rows([a, random_quantized(Q.Q4_0, 8, 64)])
+
+
+def test_layers_switch_to_packed_weights(ops: ModuleType) -> None:
+    q = random_quantized(Q.Q4_1, 48, 64)
+    dense = Linear(64, 48, bias=True)
+    with torch.no_grad():
+        dense.weight.copy_(q.dequantize())
+        dense.bias.copy_(torch.arange(48.0))
+    x = torch.randn(3, 64)
+    want = dense(x)
+    dense.use_packed(PackedWeight(pack(q), ops))
+    assert dense.weight.numel() == 0  # the float32 copy is gone
+    torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        Linear(64, 47, bias=False).use_packed(PackedWeight(pack(q), ops))
+
+    emb = VocabEmbedding(48, 64)
+    emb.use_packed(PackedWeight(pack(q), ops))
+    ids = torch.tensor([5, 0, 47])
+    assert torch.equal(emb.embed(ids), q.dequantize()[ids])
