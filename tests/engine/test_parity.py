@@ -129,9 +129,9 @@ def test_auto_falls_back_to_dense_when_the_kernels_cannot_build(
     from ferry.runner import model_runner
 
     def no_compiler() -> None:
-        raise KernelUnavailableError("building the quantized kernels needs a C++ compiler (c++)")
+        raise KernelUnavailableError("building ferry's CPU kernels needs a C++ compiler (c++)")
 
-    monkeypatch.setattr(model_runner, "load_quant_ops", no_compiler)
+    monkeypatch.setattr(model_runner, "load_cpu_kernels", no_compiler)
     path = tmp_path / "tiny.gguf"
     write_gguf(path)
     llm = LLM(str(path), kv_cache_memory=8 << 20)

@@ -1,4 +1,4 @@
-"""Compile and load ``quant_linear.cpp`` with PyTorch's C++ extension builder.
+"""Compile and load ferry's CPU kernels with PyTorch's C++ extension builder.
 
 The build is cached by PyTorch (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
 so only the first load on a machine pays the ~25 s compile. ``-march=native`` makes the code
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).with_name("quant_linear.cpp")
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("quant_linear.cpp", "paged_attention.cpp", "bindings.cpp")]
 # NOTE: -ffp-contract=off keeps d * q + m two float32 operations, as gguf-py computes it, so
 # dequantized weights equal the reference bit for bit.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
@@ -40,7 +41,7 @@ def cpu_signature() -> str:
 
 def extension_name(extra_cflags: list[str]) -> str:
     digest = hashlib.sha256((cpu_signature() + " ".join(extra_cflags)).encode()).hexdigest()[:12]
-    return f"ferry_quant_linear_{digest}"
+    return f"ferry_cpu_kernels_{digest}"
 
 
 def _find_ninja() -> None:
@@ -50,38 +51,39 @@ def _find_ninja() -> None:
         return
     beside = Path(sys.executable).parent
     if not (beside / "ninja").exists():
-        raise KernelUnavailableError("building the quantized kernels needs ninja "
+        raise KernelUnavailableError("building ferry's CPU kernels needs ninja "
                                      "(pip install ninja)")
     os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def load_quant_ops(extra_cflags: list[str] | None = None) -> ModuleType:
-    """The compiled module (``quant_linear``, ``quant_rows``); raises ``KernelUnavailableError``."""
+def load_cpu_kernels(extra_cflags: list[str] | None = None) -> ModuleType:
+    """The compiled module (``quant_linear``, ``quant_rows``, ``paged_decode_attention``);
+    raises ``KernelUnavailableError``."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise KernelUnavailableError(f"the quantized kernels are built for x86-64, not "
+        raise KernelUnavailableError(f"ferry's CPU kernels are built for x86-64, not "
                                      f"{platform.machine()}")
     if shutil.which("c++") is None:
-        raise KernelUnavailableError("building the quantized kernels needs a C++ compiler (c++)")
+        raise KernelUnavailableError("building ferry's CPU kernels needs a C++ compiler (c++)")
     _find_ninja()
     from torch.utils.cpp_extension import load
 
     flags = CFLAGS + list(extra_cflags or [])
     try:
-        return load(name=extension_name(flags), sources=[str(SOURCE)], extra_cflags=flags,
+        return load(name=extension_name(flags), sources=[str(p) for p in SOURCES], extra_cflags=flags,
                     extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:
         # NOTE: a failed compiler run surfaces as RuntimeError, a bad .so as ImportError.
-        raise KernelUnavailableError(f"building the quantized kernels failed: {e}") from e
+        raise KernelUnavailableError(f"building ferry's CPU kernels failed: {e}") from e
 
 
 def main() -> None:
     try:
-        ops = load_quant_ops()
+        ops = load_cpu_kernels()
     except KernelUnavailableError as e:
-        print(f"ferry: quantized CPU kernels not available ({e}); GGUF weights will be "
-              "dequantized to float32 at load")
+        print(f"ferry: CPU kernels not available ({e}); GGUF weights will be dequantized to "
+              "float32 at load and attention will run on PyTorch ops")
         return
-    print(f"ferry: quantized CPU kernels ready ({Path(ops.__file__).name})")
+    print(f"ferry: CPU kernels ready ({Path(ops.__file__).name})")
 
 
 if __name__ == "__main__":

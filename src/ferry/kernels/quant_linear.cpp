@@ -14,7 +14,7 @@
 // cannot fuse them), so the weights equal the float32 reference exactly; only the summation order
 // of the dot products differs from a float32 GEMM.
 
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 
@@ -24,7 +24,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
+namespace ferry {
 namespace {
 
 constexpr int64_t kBlock = 32;  // weights per quant block along K, for every supported type
@@ -104,6 +106,73 @@ void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, flo
   }
 }
 
+// The tile's weights dequantized once, k-major: scratch[k * 16 + j] = w(row 16 * tile + j, k).
+// Used when many activation rows would otherwise dequantize the same tile again and again.
+template <int64_t QT>
+void dequantize_tile(const Packed& p, int64_t tile, float* scratch) {
+  const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
+  const float* dt = p.d + tile * p.tile_scales;
+  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < p.k / kBlock; ++b) {
+    const __m512 d = _mm512_loadu_ps(dt + b * kTile);
+    const __m512 m = QT == kQ4_1 ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
+    const uint8_t* block_codes = codes + b * kBlock * kTile / (QT == kQ8_0 ? 1 : 2);
+    float* out = scratch + b * kBlock * kTile;
+    for (int64_t j = 0; j < kBlock / 2; ++j) {
+      __m512 w0, w1;
+      if constexpr (QT == kQ8_0) {
+        w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m);
+        w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m);
+      } else {
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + j * kTile));
+        w0 = dequant<QT>(_mm_and_si128(c, low4), d, m);
+        w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m);
+      }
+      _mm512_storeu_ps(out + 2 * j * kTile, w0);
+      _mm512_storeu_ps(out + (2 * j + 1) * kTile, w1);
+    }
+  }
+}
+
+// tile_kernel over an already dequantized tile: the same accumulators in the same order, so the
+// two paths give bit-identical results.
+template <int R>
+void dense_tile_kernel(const float* x, int64_t ldx, const float* w, int64_t k, float* out,
+                       int64_t ldo, int64_t cols) {
+  constexpr int S = R >= 6 ? 1 : 2;
+  __m512 acc[R][S];
+  for (int r = 0; r < R; ++r) {
+    for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < k; kk += 2) {
+    const __m512 w0 = _mm512_loadu_ps(w + kk * kTile);
+    const __m512 w1 = _mm512_loadu_ps(w + (kk + 1) * kTile);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[r * ldx + kk]), acc[r][0]);
+      acc[r][S - 1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[r * ldx + kk + 1]), acc[r][S - 1]);
+    }
+  }
+  const __mmask16 mask = cols >= kTile ? static_cast<__mmask16>(0xFFFF)
+                                       : static_cast<__mmask16>((1u << cols) - 1);
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = S == 1 ? acc[r][0] : _mm512_add_ps(acc[r][0], acc[r][S - 1]);
+    _mm512_mask_storeu_ps(out + r * ldo, mask, sum);
+  }
+}
+
+template <int R>
+void run_dense_rows(const float* x, int64_t ldx, const float* w, int64_t k, float* out,
+                    int64_t ldo, int64_t cols, int64_t rows) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      run_dense_rows<R - 1>(x, ldx, w, k, out, ldo, cols, rows);
+      return;
+    }
+  }
+  dense_tile_kernel<R>(x, ldx, w, k, out, ldo, cols);
+}
+
 #else  // portable fallback: same layout and arithmetic, one weight at a time
 
 template <int64_t QT>
@@ -162,6 +231,23 @@ template <int64_t QT>
 void quant_matmul(const float* x, int64_t rows, const Packed& p, int64_t n, float* out) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, tiles / (4 * at::get_num_threads()));
+#if defined(__AVX512F__)
+  if (rows > 2 * kMaxRows) {  // prefill: dequantize each tile once, reuse it for every row block
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(static_cast<size_t>(p.k * kTile));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t cols = std::min(kTile, n - t * kTile);
+        dequantize_tile<QT>(p, t, scratch.data());
+        for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+          run_dense_rows<kMaxRows>(x + r0 * p.k, p.k, scratch.data(), p.k,
+                                   out + r0 * n + t * kTile, n, cols,
+                                   std::min<int64_t>(kMaxRows, rows - r0));
+        }
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t cols = std::min(kTile, n - t * kTile);
@@ -194,6 +280,8 @@ Packed check_packed(const at::Tensor& codes, const at::Tensor& d, const at::Tens
                 qtype == kQ4_1 ? m.data_ptr<float>() : nullptr, k, k * per_k,
                 (k / kBlock) * kTile};
 }
+
+}  // namespace
 
 // x: [M, K] float32 -> x @ W.T: [M, N]
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d,
@@ -251,9 +339,4 @@ at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& codes, const at::
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("quant_linear", &quant_linear, "x @ dequantize(W).T over a tile-packed quantized W");
-  mod.def("quant_rows", &quant_rows, "rows of dequantize(W) (embedding lookup)");
-}
+}  // namespace ferry

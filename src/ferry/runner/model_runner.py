@@ -20,7 +20,7 @@ from ferry.engine.scheduler import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from ferry.kernels.build import KernelUnavailableError, load_quant_ops
+from ferry.kernels.build import KernelUnavailableError, load_cpu_kernels
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
 from ferry.model.llama import KVCache, Weight
 from ferry.model.registry import build_model
@@ -60,7 +60,8 @@ class ModelRunner:
         with torch.device("meta"):
             model = build_model(arch)
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
-        quant_ops = self._quant_ops(model_config)
+        self.kernels = self._cpu_kernels()
+        quant_ops = self.kernels if model_config.weight_format == "auto" else None
         self.num_packed_layers: int = model.load_weights(  # type: ignore[operator]
             weights(quant_ops is not None), quant_ops)
         if quant_ops is not None:
@@ -80,16 +81,15 @@ class ModelRunner:
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks,
                     self.block_size, self.kv_cache_bytes / 2**20, self.device)
 
-    def _quant_ops(self, model_config: ModelConfig) -> ModuleType | None:
-        """The compiled kernels when quantized GGUF weights may stay packed, else None."""
-        if model_config.weight_format == "dense":
-            return None
+    def _cpu_kernels(self) -> ModuleType | None:
+        """ferry's compiled kernels (quantized linear layers, decode attention), which run
+        float32 on CPU; None elsewhere or when they cannot be built."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
-            logger.info("weight_format auto: GGUF weights are dequantized to %s (the quantized "
-                        "kernels run float32 on CPU only)", model_config.dtype)
+            logger.info("GGUF weights are dequantized to %s and attention runs on PyTorch ops "
+                        "(ferry's kernels run float32 on CPU only)", self.dtype)
             return None
         try:
-            return load_quant_ops()
+            return load_cpu_kernels()
         except KernelUnavailableError as e:
             logger.warning("%s; GGUF weights are dequantized to float32 instead", e)
             return None
@@ -160,17 +160,19 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(row + n - 1)
         dev = self.device
-        table = mask = None
+        table = mask = lens = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
                                  dtype=torch.long, device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
-            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            if self.kernels is None:
+                mask = (torch.arange(width * bs, device=dev)[None, :]
+                        < lens[:, None])[:, None, None, :]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decode_tables), decode_block_table=table, decode_mask=mask,
-            prefills=tuple(prefills))
+            prefills=tuple(prefills), decode_context_lens=lens, kernels=self.kernels)
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.tensor(pos, dtype=torch.long, device=dev), meta,
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))

@@ -7,13 +7,16 @@ is writing (prefix hits registered at scheduling time) — the write always land
     k_cache: [num_blocks, block_size, num_kv_heads, head_dim]   (same for v_cache)
     slot = block_id * block_size + offset_in_block
 
-Decodes (one query token each) run as one padded batch; prefill chunks run one sequence at a time
-(from the fresh K/V when the chunk starts at position 0, else gathered from the cache).
+Decodes (one query token each) run in one call: ferry's C++ kernel reading K/V in place (float32 on
+CPU, when ``AttentionMetadata.kernels`` is set), else one padded batch gathered from the cache for
+PyTorch's SDPA. Prefill chunks run one sequence at a time (from the fresh K/V when the chunk starts
+at position 0, else gathered from the cache).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +38,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long
     num_decodes: int  # rows [0, num_decodes) are single-token decodes
     decode_block_table: torch.Tensor | None  # [B, max_blocks] long (padded with block 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool (SDPA path)
     prefills: tuple[PrefillSeq, ...]
+    decode_context_lens: torch.Tensor | None = None  # [B] long (kernel path)
+    kernels: ModuleType | None = None  # ferry's CPU kernels: decode attention in place
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -65,7 +70,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     # q: [B, H, D] -> [B, H, D]
-    assert meta.decode_block_table is not None and meta.decode_mask is not None
+    assert meta.decode_block_table is not None
+    if meta.kernels is not None:
+        assert meta.decode_context_lens is not None
+        return meta.kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table,
+                                                   meta.decode_context_lens, scale)
+    assert meta.decode_mask is not None
     b, h, d = q.shape
     hkv = k_cache.shape[2]
     table = meta.decode_block_table
