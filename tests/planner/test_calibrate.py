@@ -122,6 +122,10 @@ def test_sweep_against_a_fake_streaming_server() -> None:
     assert server.peak == 3
     b = server.bodies[0]
     assert (b["model"], b["max_tokens"], b["stream"], b["ignore_eos"]) == ("fake-model", 5, True, True)
+    # every request has its own prompt from the first words on: a prefix cache cannot skip prefills
+    first_words = [tuple(body["prompt"].split()[:4]) for body in server.bodies]
+    assert len(set(first_words)) == len(server.bodies)
+    assert all(len(body["prompt"].split()) == 16 for body in server.bodies)
 
 
 def test_sweep_reports_server_errors() -> None:

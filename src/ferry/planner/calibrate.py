@@ -20,9 +20,12 @@ decode is memory-bound and bends up at the knee, as measured on ferry's CPU engi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
+import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -233,13 +236,20 @@ class _Timing:
     output_tokens: int
 
 
-def synthetic_prompt(tokens: int) -> str:
-    """About ``tokens`` tokens of common words (one BPE token each in Llama-style vocabularies)."""
-    return " ".join(_WORDS[i % len(_WORDS)] for i in range(tokens))
+def synthetic_prompt(tokens: int, index: int = 0) -> str:
+    """About ``tokens`` tokens of common words (one BPE token each in Llama-style vocabularies).
+
+    Each ``index`` draws its own words: identical prompts would hit the server's prefix cache and
+    skip the prefill that the roofline model charges for.
+    """
+    rng = random.Random(index)
+    return " ".join(rng.choice(_WORDS) for _ in range(tokens))
 
 
-async def _one_request(client: Any, cfg: SweepConfig, model: str, deadline: float) -> _Timing:
-    body = {"model": model, "prompt": synthetic_prompt(cfg.prompt_tokens), "max_tokens": cfg.output_tokens,
+async def _one_request(client: Any, cfg: SweepConfig, model: str, deadline: float,
+                       index: int) -> _Timing:
+    body = {"model": model, "prompt": synthetic_prompt(cfg.prompt_tokens, index),
+            "max_tokens": cfg.output_tokens,
             "temperature": 0.0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     arrivals: list[float] = []
@@ -270,7 +280,8 @@ async def _one_request(client: Any, cfg: SweepConfig, model: str, deadline: floa
     return _Timing(arrivals[0] - start, itl, n_in, n_out)
 
 
-async def _level(client: Any, cfg: SweepConfig, model: str, concurrency: int, deadline: float) -> Measurement:
+async def _level(client: Any, cfg: SweepConfig, model: str, concurrency: int, deadline: float,
+                 indices: Iterator[int]) -> Measurement:
     total = cfg.requests_at(concurrency)
     remaining = [total]
     timings: list[_Timing] = []
@@ -278,7 +289,7 @@ async def _level(client: Any, cfg: SweepConfig, model: str, concurrency: int, de
     async def worker() -> None:
         while remaining[0] > 0 and time.monotonic() < deadline:
             remaining[0] -= 1
-            timings.append(await _one_request(client, cfg, model, deadline))
+            timings.append(await _one_request(client, cfg, model, deadline, next(indices)))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -313,8 +324,10 @@ async def measure(cfg: SweepConfig, transport: Any = None) -> tuple[str, list[Me
                 if not data:
                     raise PlannerError(f"GET {cfg.base}/models lists no model")
                 model = str(data[0]["id"])
-            await _one_request(client, cfg, model, deadline)  # warm-up, not measured
-            results = [await _level(client, cfg, model, c, deadline) for c in cfg.concurrencies]
+            indices = itertools.count()
+            await _one_request(client, cfg, model, deadline, next(indices))  # warm-up, not measured
+            results = [await _level(client, cfg, model, c, deadline, indices)
+                       for c in cfg.concurrencies]
     except httpx.HTTPError as e:
         raise PlannerError(f"calibration against {cfg.url} failed: {type(e).__name__}: {e}") from e
     return model, results
