@@ -124,9 +124,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads per server")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
-    parser.add_argument("--ferry-dtypes", default="float32",
-                        help="one ferry server per dtype, e.g. float32,bfloat16 (float32 is labelled "
-                             "'ferry', others 'ferry-<dtype>')")
+    parser.add_argument("--ferry-variants", default="float32",
+                        help="one ferry server per DTYPE[:WEIGHT_FORMAT], e.g. "
+                             "float32,float32:dense,bfloat16 (plain float32, the default "
+                             "configuration, is labelled 'ferry'; others 'ferry-<dtype>[-<format>]')")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--out", default="results-serving.json")
     parser.add_argument("--plot", default=None)
@@ -144,12 +145,14 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="ferry-serving-bench-"))
     servers: list[tuple[Server, str]] = []
     try:
-        for dtype in args.ferry_dtypes.split(","):
+        for variant in args.ferry_variants.split(","):
+            dtype, _, weight_format = variant.partition(":")
             port = free_port()
-            label = "ferry" if dtype == "float32" else f"ferry-{dtype}"
+            label = "ferry" if variant == "float32" else f"ferry-{variant.replace(':', '-')}"
             servers.append((Server(label, [sys.executable, "-m", "ferry.cli", "serve", "--model", str(gguf),
                                            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs",
                                            str(max(64, max(concurrencies))), "--dtype", dtype,
+                                           "--weight-format", weight_format or "auto",
                                            "--log-level", "warning"],
                                    port, env, log_dir), "/health"))
         if not args.skip_naive:
