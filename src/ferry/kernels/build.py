@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_linear.cpp", "paged_attention.cpp", "bindings.cpp")]
+           for name in ("quant_linear.cpp", "paged_attention.cpp", "fused_ops.cpp", "bindings.cpp")]
 # NOTE: -ffp-contract=off keeps d * q + m two float32 operations, as gguf-py computes it, so
 # dequantized weights equal the reference bit for bit.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace ferry {
 
 // x [M, K] float32 @ dequantize(W).T -> [M, N]; W tile-packed (see quant_linear.cpp)
@@ -17,5 +19,13 @@ at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& codes, const at::
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_table,
                                   const at::Tensor& context_lens, double scale);
+
+// fused elementwise ops (see fused_ops.cpp)
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& y,
+                                                const at::Tensor& weight, double eps);
+void rotary_qkv_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads,
+                 int64_t kv_heads, int64_t head_dim);
+at::Tensor silu_mul(const at::Tensor& gate_up);
 
 }  // namespace ferry

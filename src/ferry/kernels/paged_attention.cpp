@@ -8,6 +8,7 @@
 //   out:     [B, H, D] = softmax(scale * q . K) . V
 
 #include "kernels.h"
+#include "simd_math.h"
 
 #include <ATen/Parallel.h>
 
@@ -24,24 +25,6 @@ namespace ferry {
 namespace {
 
 #if defined(__AVX512F__)
-// exp for x <= 0 (softmax after subtracting the max), Cephes' expf: relative error ~2e-7.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));  // below: exp underflows to 0 anyway
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  const __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, x), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, fx);  // y * 2^fx
-}
-
 inline float dot(const float* a, const float* b, int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < d; i += 16) {
@@ -56,14 +39,14 @@ inline float exp_shift_sum(float* p, int64_t n, float max) {
   __m512 sum = _mm512_setzero_ps();
   int64_t t = 0;
   for (; t + 16 <= n; t += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p + t), m));
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + t), m));
     _mm512_storeu_ps(p + t, e);
     sum = _mm512_add_ps(sum, e);
   }
   if (t < n) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (n - t)) - 1);
     const __m512 e =
-        exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + t), m));
+        exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + t), m));
     _mm512_mask_storeu_ps(p + t, mask, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
   }

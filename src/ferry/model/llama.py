@@ -46,11 +46,16 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if meta.kernels is not None:  # rotate q and k in place, in the fused output
+            meta.kernels.rotary_qkv_(qkv, rope[0].squeeze(1), rope[1].squeeze(1), self.num_heads,
+                                     self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
+        if meta.kernels is None:
+            q, k = apply_rotary(q, k, *rope)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -62,8 +67,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: ModuleType | None = None) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
+        if kernels is not None:
+            return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -78,8 +85,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        kernels = meta.kernels
+        if kernels is None:
+            x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x, kernels), rope, kv_cache, meta)
+        x, h = kernels.add_rms_norm(x, attn, self.post_attention_layernorm.weight,
+                                    self.post_attention_layernorm.eps)
+        return x + self.mlp(h, kernels)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -101,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rope(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+        return self.norm(x, meta.kernels)
 
     def init_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers after building on the meta device."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -12,8 +14,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden]
+    def forward(self, x: torch.Tensor, kernels: ModuleType | None = None) -> torch.Tensor:
+        # x: [T, hidden]; ``kernels``: ferry's CPU kernels (float32 only), one fused call
+        if kernels is not None:
+            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
