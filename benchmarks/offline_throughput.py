@@ -5,6 +5,7 @@ each with EOS ignored. The naive loop's tok/s does not depend on how many reques
 run one after another), so it measures ``--naive-requests`` of them to keep the run short.
 
     python benchmarks/offline_throughput.py [--num-prompts 64] [--output-len 128]
+        [--variants float32,float32:dense,bfloat16]
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--naive-requests", type=int, default=3)
     ap.add_argument("--kv-cache-memory", type=int, default=1 << 30)
-    ap.add_argument("--dtypes", default="float32",
-                    help="ferry dtypes to measure, e.g. float32,bfloat16 (the naive loop is float32)")
+    ap.add_argument("--variants", default="float32",
+                    help="ferry configurations DTYPE[:WEIGHT_FORMAT] to measure, e.g. "
+                         "float32,float32:dense,bfloat16 (the naive loop is float32)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -78,18 +80,21 @@ def main() -> None:
                                  "torch_threads": torch.get_num_threads(),
                                  "machine": platform.machine()}
     best = {}
-    for dtype in args.dtypes.split(","):
-        llm = LLM(model_path, kv_cache_memory=args.kv_cache_memory, dtype=dtype)
+    for variant in args.variants.split(","):
+        dtype, _, weight_format = variant.partition(":")
+        llm = LLM(model_path, kv_cache_memory=args.kv_cache_memory, dtype=dtype,
+                  weight_format=weight_format or "auto")
         prompts = [llm.tokenizer.encode_chat(m) for m in chat_prompts(args.num_prompts)]
         naive_prompts = prompts[:args.naive_requests]
         run_ferry(llm, prompts[:2], 8)  # warm-up
         single_s, single_tokens = run_ferry(llm, prompts[:1], args.output_len)
         batch_s, batch_tokens = run_ferry(llm, prompts, args.output_len)
-        rows.append((f"ferry {dtype}, 1 prompt", single_tokens, single_s))
-        rows.append((f"ferry {dtype}, {args.num_prompts} prompts", batch_tokens, batch_s))
-        best[dtype] = batch_tokens / batch_s
-        result[f"ferry_{dtype}_batch_tok_s"] = round(batch_tokens / batch_s, 1)
-        result[f"ferry_{dtype}_single_stream_tok_s"] = round(single_tokens / single_s, 1)
+        rows.append((f"ferry {variant}, 1 prompt", single_tokens, single_s))
+        rows.append((f"ferry {variant}, {args.num_prompts} prompts", batch_tokens, batch_s))
+        best[variant] = batch_tokens / batch_s
+        key = variant.replace(":", "_")
+        result[f"ferry_{key}_batch_tok_s"] = round(batch_tokens / batch_s, 1)
+        result[f"ferry_{key}_single_stream_tok_s"] = round(single_tokens / single_s, 1)
         del llm
     naive_s, naive_tokens = run_naive(naive_prompts, args.output_len, model_path)
     naive_tps = naive_tokens / naive_s
@@ -98,9 +103,9 @@ def main() -> None:
     for label, tokens, secs in [("naive HF generate(), one at a time", naive_tokens, naive_s), *rows]:
         tps = tokens / secs
         print(f"{label:40} {tokens:8d} {secs:9.1f} {tps:8.1f} {tps / naive_tps:8.1f}x")
-    for dtype, tps in best.items():
-        result[f"ratio_{dtype}_over_naive"] = round(tps / naive_tps, 1)
-        print(f"ratio ferry ({dtype}) / naive, throughput: {tps / naive_tps:.1f}x")
+    for variant, tps in best.items():
+        result[f"ratio_{variant.replace(':', '_')}_over_naive"] = round(tps / naive_tps, 1)
+        print(f"ratio ferry ({variant}) / naive, throughput: {tps / naive_tps:.1f}x")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
