@@ -8,18 +8,6 @@ from types import ModuleType
 import pytest
 import torch
 
-from ferry.kernels.build import load_cpu_kernels
-
-
-@pytest.fixture(scope="module")
-def ops() -> ModuleType:
-    return load_cpu_kernels()
-
-
-@pytest.fixture(scope="module")
-def portable_ops() -> ModuleType:
-    return load_cpu_kernels(["-mno-avx512f"])
-
 
 def make_case(heads: int, kv_heads: int, head_dim: int, lens: list[int], block_size: int = 4,
               num_blocks: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:

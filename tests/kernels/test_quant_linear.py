@@ -15,22 +15,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from ferry.kernels.build import load_cpu_kernels
 from ferry.kernels.packing import QuantizedTensor, concat_rows, pack
 from ferry.model.layers.linear import Linear, PackedWeight, VocabEmbedding
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
-
-
-@pytest.fixture(scope="module")
-def ops() -> ModuleType:
-    return load_cpu_kernels()
-
-
-@pytest.fixture(scope="module")
-def portable_ops() -> ModuleType:
-    # the same source without AVX-512: the fallback loops a machine without it would run
-    return load_cpu_kernels(["-mno-avx512f"])
 
 
 def random_quantized(qtype: Q, n: int, k: int, seed: int = 0) -> QuantizedTensor:

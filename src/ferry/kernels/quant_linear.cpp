@@ -58,107 +58,108 @@ inline __m512 dequant(__m128i codes16, __m512 d, __m512 m) {
   }
 }
 
+// The two weight vectors (k = 2j and 2j + 1 of a block, 16 rows each) of pair j of a block.
+template <int64_t QT>
+inline void dequant_pair(const uint8_t* block_codes, int64_t j, __m512 d, __m512 m, __m512& w0,
+                         __m512& w1) {
+  if constexpr (QT == kQ8_0) {
+    w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m);
+    w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m);
+  } else {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + j * kTile));
+    w0 = dequant<QT>(_mm_and_si128(c, low4), d, m);
+    w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m);
+  }
+}
+
+// Calls visit(b, d, m, block_codes) for each 32-wide block of a tile, with its scales loaded.
+template <int64_t QT, typename Visit>
+inline void for_each_block(const Packed& p, int64_t tile, Visit visit) {
+  const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
+  const float* dt = p.d + tile * p.tile_scales;
+  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+  for (int64_t b = 0; b < p.k / kBlock; ++b) {
+    const __m512 d = _mm512_loadu_ps(dt + b * kTile);
+    const __m512 m = QT == kQ4_1 ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
+    visit(b, d, m, codes + b * kBlock * kTile / (QT == kQ8_0 ? 1 : 2));
+  }
+}
+
+// A [R x 16] output tile in registers. With few rows, two accumulators a row (even and odd k)
+// keep both FMA units busy instead of waiting on one dependency chain; with many, registers run
+// out first. Both kernels below use it, in the same order, so their results are bit-identical.
+template <int R>
+struct TileAccumulator {
+  static constexpr int S = R >= 6 ? 1 : 2;
+  __m512 acc[R][S];
+
+  TileAccumulator() {
+    for (int r = 0; r < R; ++r) {
+      for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
+    }
+  }
+
+  // rows r of x at k and k + 1 times the weight vectors of k and k + 1
+  inline void add_pair(const float* x, int64_t ldx, int64_t k, __m512 w0, __m512 w1) {
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[r * ldx + k]), acc[r][0]);
+      acc[r][S - 1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[r * ldx + k + 1]), acc[r][S - 1]);
+    }
+  }
+
+  void store(float* out, int64_t ldo, int64_t cols) const {
+    const __mmask16 mask = cols >= kTile ? static_cast<__mmask16>(0xFFFF)
+                                         : static_cast<__mmask16>((1u << cols) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = S == 1 ? acc[r][0] : _mm512_add_ps(acc[r][0], acc[r][S - 1]);
+      _mm512_mask_storeu_ps(out + r * ldo, mask, sum);
+    }
+  }
+};
+
 // out[r, 0:cols] = sum_k x[r, k] * w[tile row, k] for r < R; x rows are ldx apart, out rows ldo.
 template <int64_t QT, int R>
 void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
                  int64_t ldo, int64_t cols) {
-  // NOTE: with few rows, two accumulators a row (even and odd k) keep both FMA units busy instead
-  // of waiting on one dependency chain; with many, registers run out first.
-  constexpr int S = R >= 6 ? 1 : 2;
-  __m512 acc[R][S];
-  for (int r = 0; r < R; ++r) {
-    for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
-  }
-  const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
-  const float* dt = p.d + tile * p.tile_scales;
-  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const int64_t nb = p.k / kBlock;
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m512 d = _mm512_loadu_ps(dt + b * kTile);
-    const __m512 m = QT == kQ4_1 ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
-    const uint8_t* block_codes = codes + b * kBlock * kTile / (QT == kQ8_0 ? 1 : 2);
+  TileAccumulator<R> acc;
+  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d, __m512 m, const uint8_t* block_codes) {
     // the next block's codes, a few cache lines ahead of the loads below
     _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024 + 64, _MM_HINT_T0);
     for (int64_t j = 0; j < kBlock / 2; ++j) {
-      const int64_t k = b * kBlock + 2 * j;
       __m512 w0, w1;
-      if constexpr (QT == kQ8_0) {
-        w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m);
-        w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m);
-      } else {
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + j * kTile));
-        w0 = dequant<QT>(_mm_and_si128(c, low4), d, m);
-        w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m);
-      }
-      for (int r = 0; r < R; ++r) {
-        acc[r][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[r * ldx + k]), acc[r][0]);
-        acc[r][S - 1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[r * ldx + k + 1]), acc[r][S - 1]);
-      }
+      dequant_pair<QT>(block_codes, j, d, m, w0, w1);
+      acc.add_pair(x, ldx, b * kBlock + 2 * j, w0, w1);
     }
-  }
-  const __mmask16 mask = cols >= kTile ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << cols) - 1);
-  for (int r = 0; r < R; ++r) {
-    const __m512 sum = S == 1 ? acc[r][0] : _mm512_add_ps(acc[r][0], acc[r][S - 1]);
-    _mm512_mask_storeu_ps(out + r * ldo, mask, sum);
-  }
+  });
+  acc.store(out, ldo, cols);
 }
 
 // The tile's weights dequantized once, k-major: scratch[k * 16 + j] = w(row 16 * tile + j, k).
 // Used when many activation rows would otherwise dequantize the same tile again and again.
 template <int64_t QT>
 void dequantize_tile(const Packed& p, int64_t tile, float* scratch) {
-  const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
-  const float* dt = p.d + tile * p.tile_scales;
-  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < p.k / kBlock; ++b) {
-    const __m512 d = _mm512_loadu_ps(dt + b * kTile);
-    const __m512 m = QT == kQ4_1 ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
-    const uint8_t* block_codes = codes + b * kBlock * kTile / (QT == kQ8_0 ? 1 : 2);
+  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d, __m512 m, const uint8_t* block_codes) {
     float* out = scratch + b * kBlock * kTile;
     for (int64_t j = 0; j < kBlock / 2; ++j) {
       __m512 w0, w1;
-      if constexpr (QT == kQ8_0) {
-        w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m);
-        w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m);
-      } else {
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + j * kTile));
-        w0 = dequant<QT>(_mm_and_si128(c, low4), d, m);
-        w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m);
-      }
+      dequant_pair<QT>(block_codes, j, d, m, w0, w1);
       _mm512_storeu_ps(out + 2 * j * kTile, w0);
       _mm512_storeu_ps(out + (2 * j + 1) * kTile, w1);
     }
-  }
+  });
 }
 
-// tile_kernel over an already dequantized tile: the same accumulators in the same order, so the
-// two paths give bit-identical results.
+// tile_kernel over an already dequantized tile
 template <int R>
 void dense_tile_kernel(const float* x, int64_t ldx, const float* w, int64_t k, float* out,
                        int64_t ldo, int64_t cols) {
-  constexpr int S = R >= 6 ? 1 : 2;
-  __m512 acc[R][S];
-  for (int r = 0; r < R; ++r) {
-    for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
-  }
+  TileAccumulator<R> acc;
   for (int64_t kk = 0; kk < k; kk += 2) {
-    const __m512 w0 = _mm512_loadu_ps(w + kk * kTile);
-    const __m512 w1 = _mm512_loadu_ps(w + (kk + 1) * kTile);
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[r * ldx + kk]), acc[r][0]);
-      acc[r][S - 1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[r * ldx + kk + 1]), acc[r][S - 1]);
-    }
+    acc.add_pair(x, ldx, kk, _mm512_loadu_ps(w + kk * kTile), _mm512_loadu_ps(w + (kk + 1) * kTile));
   }
-  const __mmask16 mask = cols >= kTile ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << cols) - 1);
-  for (int r = 0; r < R; ++r) {
-    const __m512 sum = S == 1 ? acc[r][0] : _mm512_add_ps(acc[r][0], acc[r][S - 1]);
-    _mm512_mask_storeu_ps(out + r * ldo, mask, sum);
-  }
+  acc.store(out, ldo, cols);
 }
 
 template <int R>
