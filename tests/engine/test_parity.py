@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 
 from ferry import LLM, SamplingParams
 from ferry.engine.request import Request
 from ferry.engine.scheduler import ScheduledRequest, SchedulerOutput
 
-from gguf import GGMLQuantizationType as Q
 from hf_reference import hf_greedy, load_hf
 from loader.test_gguf import write_gguf
 
@@ -99,7 +99,7 @@ def test_gguf_with_mixed_types_packs_only_layers_one_kernel_can_run(tmp_path: Pa
     check_formats_agree(path, packed=2)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K])
 def test_gguf_of_one_type_packs_every_linear(tmp_path: Path, qtype: Q) -> None:
     path = tmp_path / f"{qtype.name}.gguf"
     layer_weights = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]

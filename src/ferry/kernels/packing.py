@@ -1,8 +1,11 @@
 """GGUF block-quantized weights kept quantized: raw rows, and the tile layout the kernel reads.
 
 ``QuantizedTensor`` is what the GGUF loader yields instead of a float32 tensor when asked to keep
-Q4_0/Q4_1/Q8_0 weights as they are: the file's raw blocks, one row per output feature, already
-in Hugging Face row order. ``pack`` turns it into the tile layout of ``quant_linear.cpp``.
+Q4_0/Q4_1/Q8_0/Q4_K weights as they are: the file's raw blocks, one row per output feature,
+already in Hugging Face row order. ``pack`` turns it into the tile layout of ``quant_linear.cpp``.
+
+Q4_K runs on the Q4_1 kernel: each 32-weight sub-block's scale (d * sc) and minimum (dmin * m)
+are computed in float32 exactly as gguf-py computes them, and d * q - dm equals d * q + (-dm).
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 
-BLOCK = 32  # weights per block along K
+BLOCK = 32  # weights per kernel block along K (one scale, one minimum)
 TILE = 16  # output rows per packed tile
 
-# kernel type id and bytes per 32-weight block: fp16 d [, fp16 m], then the codes
-KERNEL_TYPES: dict[GGMLQuantizationType, tuple[int, int]] = {
-    GGMLQuantizationType.Q4_0: (0, 18),
-    GGMLQuantizationType.Q4_1: (1, 20),
-    GGMLQuantizationType.Q8_0: (2, 34),
+_Q = GGMLQuantizationType
+# the kernel type each file type runs on (0: Q4_0, 1: Q4_1, 2: Q8_0), and the file's block:
+# (weights, bytes)
+KERNEL_TYPES: dict[GGMLQuantizationType, tuple[int, int, int]] = {
+    _Q.Q4_0: (0, 32, 18),  # fp16 d, 16 bytes of nibbles
+    _Q.Q4_1: (1, 32, 20),  # fp16 d, fp16 m, 16 bytes of nibbles
+    _Q.Q8_0: (2, 32, 34),  # fp16 d, 32 int8
+    _Q.Q4_K: (1, 256, 144),  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
 }
 
 
@@ -38,15 +44,12 @@ class QuantizedTensor:
         if self.qtype not in KERNEL_TYPES:
             raise ValueError(f"no kernel for {self.qtype.name}")
         n, k = self.shape
-        if k % BLOCK:
-            raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
-        if self.blocks.dtype != np.uint8 or self.blocks.shape != (n, k // BLOCK * self.block_bytes):
+        _, weights, block_bytes = KERNEL_TYPES[self.qtype]
+        if k % weights:
+            raise ValueError(f"in_features {k} is not a multiple of {weights}")
+        if self.blocks.dtype != np.uint8 or self.blocks.shape != (n, k // weights * block_bytes):
             raise ValueError(f"blocks of shape {self.blocks.shape} do not hold a {self.qtype.name} "
                              f"tensor of shape {self.shape}")
-
-    @property
-    def block_bytes(self) -> int:
-        return KERNEL_TYPES[self.qtype][1]
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in], exactly as gguf-py dequantizes the file's tensor."""
@@ -80,31 +83,56 @@ class PackedTensors:
     m: torch.Tensor  # float32 [tiles, K/32, 16] for Q4_1, else empty
 
 
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> [...] float32"""
+    return raw.copy().view(np.float16).astype(np.float32)[..., 0]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., B] bytes -> [..., 2B] codes: the low nibbles are codes 0..B-1, the high ones B..2B-1."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _unpack(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Codes [N, K] (uint8; Q8_0: int8 bit patterns), d and m [N, K/32] float32 (m None if unused)."""
+    n, k = q.shape
+    _, weights, block_bytes = KERNEL_TYPES[q.qtype]
+    b = q.blocks.reshape(n, k // weights, block_bytes)
+    if q.qtype == _Q.Q8_0:
+        return b[..., 2:].reshape(n, k), _f16(b[..., 0:2]), None
+    if q.qtype in (_Q.Q4_0, _Q.Q4_1):
+        offset = 4 if q.qtype == _Q.Q4_1 else 2
+        m = _f16(b[..., 2:4]) if q.qtype == _Q.Q4_1 else None
+        return _nibbles(b[..., offset:offset + 16]).reshape(n, k), _f16(b[..., 0:2]), m
+    # Q4_K: 8 sub-blocks of 32 per 256; 32-byte groups hold sub-blocks 2g (low) and 2g+1 (high)
+    nb = k // weights
+    sc, mn = Q4_K.get_scale_min(b[..., 4:16].reshape(n * nb, 12))
+    d = _f16(b[..., 0:2]).reshape(n * nb, 1) * sc.astype(np.float32)
+    dm = _f16(b[..., 2:4]).reshape(n * nb, 1) * mn.astype(np.float32)
+    codes = _nibbles(b[..., 16:].reshape(n, nb, 4, 32)).reshape(n, k)
+    return codes, d.reshape(n, k // BLOCK), -dm.reshape(n, k // BLOCK)
+
+
 def pack(q: QuantizedTensor) -> PackedTensors:
     n, k = q.shape
-    type_id, block_bytes = KERNEL_TYPES[q.qtype]
-    nb = k // BLOCK
+    type_id = KERNEL_TYPES[q.qtype][0]
+    codes, d, m = _unpack(q)
     tiles = -(-n // TILE)
-    padded = np.zeros((tiles * TILE, nb, block_bytes), dtype=np.uint8)
-    padded[:n] = q.blocks.reshape(n, nb, block_bytes)  # padding rows: d = 0, so weights are 0
-    d = padded[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # [rows, nb]
-    m = np.zeros((0,), dtype=np.float32)
-    if q.qtype == GGMLQuantizationType.Q8_0:
-        codes = padded[..., 2:].reshape(tiles, TILE, k)  # int8 bit patterns
-    else:
-        offset = 4 if q.qtype == GGMLQuantizationType.Q4_1 else 2
-        if q.qtype == GGMLQuantizationType.Q4_1:
-            m = padded[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
-        qs = padded[..., offset:offset + BLOCK // 2]  # [rows, nb, 16]
-        # a block's low nibbles are its weights 0..15, the high nibbles 16..31
-        q4 = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(tiles * TILE, k)
-        codes = (q4[:, 0::2] | (q4[:, 1::2] << 4)).reshape(tiles, TILE, k // 2)
+    rows = tiles * TILE
 
-    def tiled(a: np.ndarray) -> torch.Tensor:  # [tiles, 16, X] -> [tiles, X, 16]
-        return torch.from_numpy(np.ascontiguousarray(a.swapaxes(1, 2)))
+    def pad(a: np.ndarray) -> np.ndarray:  # padding rows: d = 0, so their weights are 0
+        out = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
+        out[:n] = a
+        return out
+
+    codes = pad(codes)
+    if type_id != 2:  # two 4-bit codes a byte: k = 2p in the low nibble, 2p + 1 in the high one
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+    def tiled(a: np.ndarray) -> torch.Tensor:  # [rows, X] -> [tiles, X, 16]
+        return torch.from_numpy(np.ascontiguousarray(a.reshape(tiles, TILE, -1).swapaxes(1, 2)))
 
     return PackedTensors(
         type_id=type_id, out_features=n, in_features=k,
-        codes=tiled(codes),
-        d=tiled(d.reshape(tiles, TILE, nb)),
-        m=tiled(m.reshape(tiles, TILE, nb)) if m.size else torch.empty(0))
+        codes=tiled(codes), d=tiled(pad(d)),
+        m=tiled(pad(m)) if m is not None else torch.empty(0))

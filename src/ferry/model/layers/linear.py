@@ -1,7 +1,7 @@
 """Linear and embedding layers whose weight is either a dense parameter or packed GGUF blocks.
 
 A layer starts dense (an ``nn.Linear``-shaped ``weight``); ``use_packed`` swaps in a
-``PackedWeight`` built from the file's Q4_0/Q4_1/Q8_0 blocks and drops the dense copy. The packed
+``PackedWeight`` built from the file's Q4_0/Q4_1/Q8_0/Q4_K blocks and drops the dense copy. The packed
 path runs ``quant_linear.cpp`` on float32 CPU activations.
 """
 
