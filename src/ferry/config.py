@@ -62,8 +62,8 @@ class ModelConfig:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
-    # "auto": GGUF Q4_0/Q4_1/Q8_0/Q4_K weights stay in their blocks and run on ferry's CPU kernels
-    # (float32 on CPU only); "dense": every weight is dequantized to ``dtype`` at load.
+    # "auto": GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights stay in their blocks and run on ferry's CPU
+    # kernels (float32 on CPU only); "dense": every weight is dequantized to ``dtype`` at load.
     weight_format: str = "auto"
 
     def __post_init__(self) -> None:

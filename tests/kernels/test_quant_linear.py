@@ -20,12 +20,12 @@ from ferry.model.layers.linear import Linear, PackedWeight, VocabEmbedding
 
 from loader.test_gguf import random_k_blocks
 
-TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K]
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
 
 
 def random_quantized(qtype: Q, n: int, k: int, seed: int = 0) -> QuantizedTensor:
     rng = np.random.default_rng(seed)
-    if qtype == Q.Q4_K:  # gguf-py cannot quantize to K-quants: random blocks with sane scales
+    if qtype in (Q.Q4_K, Q.Q6_K):  # gguf-py cannot quantize to K-quants: random sane blocks
         k = -(-k // 256) * 256
         return QuantizedTensor(qtype, (n, k), random_k_blocks(qtype, n, k, rng)[0])
     w = rng.normal(0, 0.05, size=(n, k)).astype(np.float32)
@@ -95,7 +95,7 @@ def test_bad_inputs_raise_instead_of_reading_out_of_bounds(ops: ModuleType) -> N
     with pytest.raises(ValueError, match="do not hold"):
         QuantizedTensor(Q.Q4_0, (4, 64), np.zeros((4, 35), dtype=np.uint8))
     with pytest.raises(ValueError, match="no kernel"):
-        QuantizedTensor(Q.Q6_K, (4, 256), np.zeros((4, 210), dtype=np.uint8))
+        QuantizedTensor(Q.Q5_K, (4, 256), np.zeros((4, 176), dtype=np.uint8))
 
 
 def test_fused_rows_and_reordering(ops: ModuleType) -> None:
@@ -117,13 +117,24 @@ def test_layers_switch_to_packed_weights(ops: ModuleType) -> None:
         dense.bias.copy_(torch.arange(48.0))
     x = torch.randn(3, 64)
     want = dense(x)
-    dense.use_packed(PackedWeight(pack(q), ops))
+    dense.use_packed([PackedWeight(pack(q), ops)])
     assert dense.weight.numel() == 0  # the float32 copy is gone
     torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="does not fit"):
-        Linear(64, 47, bias=False).use_packed(PackedWeight(pack(q), ops))
+    with pytest.raises(ValueError, match="do not fit"):
+        Linear(64, 47, bias=False).use_packed([PackedWeight(pack(q), ops)])
 
     emb = VocabEmbedding(48, 64)
-    emb.use_packed(PackedWeight(pack(q), ops))
+    emb.use_packed([PackedWeight(pack(q), ops)])
     ids = torch.tensor([5, 0, 47])
     assert torch.equal(emb.embed(ids), q.dequantize()[ids])
+
+
+def test_a_layer_of_parts_with_different_types(ops: ModuleType) -> None:
+    # a fused q/k/v whose v is another type: one packed part per type, outputs side by side
+    parts = [random_quantized(Q.Q4_K, 32, 256, seed=1), random_quantized(Q.Q6_K, 16, 256, seed=2),
+             random_quantized(Q.Q8_0, 24, 256, seed=3)]
+    layer = Linear(256, 72, bias=False)
+    layer.use_packed([PackedWeight(pack(p), ops) for p in parts])
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    want = torch.cat([reference(x, p) for p in parts], dim=-1)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)

@@ -416,7 +416,8 @@ def test_inconsistent_files_are_format_errors(tmp_path: Path, case: dict[str, An
 
 
 def test_keep_quantized_yields_the_same_weights_as_blocks(tmp_path: Path) -> None:
-    """Q4_0/Q4_1/Q8_0/Q4_K weights come as raw blocks, rows already un-permuted; others float32."""
+    """Kernel types (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) come as raw blocks, rows un-permuted; the rest
+    as float32."""
     path = tmp_path / "tiny.gguf"
     expected = write_gguf(path)
     got = dict(load_model(str(path)).weights(keep_quantized=True))
@@ -428,5 +429,6 @@ def test_keep_quantized_yields_the_same_weights_as_blocks(tmp_path: Path) -> Non
             assert tensor.shape == ref.shape
             tensor = tensor.dequantize()
         np.testing.assert_array_equal(tensor.numpy(), ref, err_msg=name)
-    assert kept == {n for n, t in DEFAULT_TYPES.items() if t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K)}
+    assert kept == {n for n, t in DEFAULT_TYPES.items()
+                    if t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)}
     assert "blk.1.attn_k.weight" in kept  # a permuted rope projection kept as blocks

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
-                        help="auto: keep GGUF Q4_0/Q4_1/Q8_0/Q4_K weights quantized (float32, CPU); "
+                        help="auto: keep GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights quantized "
+                             "(float32, CPU); "
                              "dense: dequantize them at load")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)

@@ -1,11 +1,12 @@
 """GGUF block-quantized weights kept quantized: raw rows, and the tile layout the kernel reads.
 
 ``QuantizedTensor`` is what the GGUF loader yields instead of a float32 tensor when asked to keep
-Q4_0/Q4_1/Q8_0/Q4_K weights as they are: the file's raw blocks, one row per output feature,
+Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights as they are: the file's raw blocks, one row per output feature,
 already in Hugging Face row order. ``pack`` turns it into the tile layout of ``quant_linear.cpp``.
 
 Q4_K runs on the Q4_1 kernel: each 32-weight sub-block's scale (d * sc) and minimum (dmin * m)
 are computed in float32 exactly as gguf-py computes them, and d * q - dm equals d * q + (-dm).
+Q6_K keeps its codes (q - 32, as int8) and gets one float32 scale (d * sc) per 16 weights.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ BLOCK = 32  # weights per kernel block along K (one scale, one minimum)
 TILE = 16  # output rows per packed tile
 
 _Q = GGMLQuantizationType
-# the kernel type each file type runs on (0: Q4_0, 1: Q4_1, 2: Q8_0), and the file's block:
-# (weights, bytes)
+# the kernel type each file type runs on (0: Q4_0, 1: Q4_1, 2: Q8_0, 3: int8 codes with a scale
+# per 16 weights), and the file's block: (weights, bytes)
 KERNEL_TYPES: dict[GGMLQuantizationType, tuple[int, int, int]] = {
     _Q.Q4_0: (0, 32, 18),  # fp16 d, 16 bytes of nibbles
     _Q.Q4_1: (1, 32, 20),  # fp16 d, fp16 m, 16 bytes of nibbles
     _Q.Q8_0: (2, 32, 34),  # fp16 d, 32 int8
     _Q.Q4_K: (1, 256, 144),  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+    _Q.Q6_K: (3, 256, 210),  # 128 bytes low nibbles, 64 of high 2-bit pairs, 16 int8 scales, fp16 d
 }
+BYTE_CODE_TYPES = (2, 3)  # kernel types with one int8 code a byte (the others: two 4-bit codes)
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,8 @@ class PackedTensors:
     type_id: int
     out_features: int
     in_features: int
-    codes: torch.Tensor  # uint8 [tiles, K/2, 16] (Q4) or [tiles, K, 16] (Q8_0)
-    d: torch.Tensor  # float32 [tiles, K/32, 16]
+    codes: torch.Tensor  # uint8 [tiles, K/2, 16] (4-bit codes) or [tiles, K, 16] (int8 codes)
+    d: torch.Tensor  # float32 [tiles, K/32, 16] ([tiles, K/16, 16] for Q6_K)
     m: torch.Tensor  # float32 [tiles, K/32, 16] for Q4_1, else empty
 
 
@@ -104,13 +107,25 @@ def _unpack(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
         offset = 4 if q.qtype == _Q.Q4_1 else 2
         m = _f16(b[..., 2:4]) if q.qtype == _Q.Q4_1 else None
         return _nibbles(b[..., offset:offset + 16]).reshape(n, k), _f16(b[..., 0:2]), m
-    # Q4_K: 8 sub-blocks of 32 per 256; 32-byte groups hold sub-blocks 2g (low) and 2g+1 (high)
     nb = k // weights
+    if q.qtype == _Q.Q6_K:
+        return _unpack_q6_k(b.reshape(n * nb, block_bytes), n, k)
+    # Q4_K: 8 sub-blocks of 32 per 256; 32-byte groups hold sub-blocks 2g (low) and 2g+1 (high)
     sc, mn = Q4_K.get_scale_min(b[..., 4:16].reshape(n * nb, 12))
     d = _f16(b[..., 0:2]).reshape(n * nb, 1) * sc.astype(np.float32)
     dm = _f16(b[..., 2:4]).reshape(n * nb, 1) * mn.astype(np.float32)
     codes = _nibbles(b[..., 16:].reshape(n, nb, 4, 32)).reshape(n, k)
     return codes, d.reshape(n, k // BLOCK), -dm.reshape(n, k // BLOCK)
+
+
+def _unpack_q6_k(b: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """Q6_K blocks [n * k / 256, 210] -> int8 codes [n, k] (as uint8), scales [n, k / 16]."""
+    ql = (b[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    qh = (b[:, 128:192].reshape(-1, 2, 1, 32)
+          >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    codes = (ql.reshape(-1, 8, 32) | (qh.reshape(-1, 8, 32) << 4)).astype(np.int8) - np.int8(32)
+    d = _f16(b[:, 208:210].reshape(-1, 1, 2)) * b[:, 192:208].view(np.int8).astype(np.float32)
+    return codes.view(np.uint8).reshape(n, k), d.reshape(n, k // 16), None
 
 
 def pack(q: QuantizedTensor) -> PackedTensors:
@@ -126,7 +141,7 @@ def pack(q: QuantizedTensor) -> PackedTensors:
         return out
 
     codes = pad(codes)
-    if type_id != 2:  # two 4-bit codes a byte: k = 2p in the low nibble, 2p + 1 in the high one
+    if type_id not in BYTE_CODE_TYPES:  # two 4-bit codes a byte: k = 2p low, 2p + 1 high nibble
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
 
     def tiled(a: np.ndarray) -> torch.Tensor:  # [rows, X] -> [tiles, X, 16]

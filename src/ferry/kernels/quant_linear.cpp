@@ -1,11 +1,12 @@
-// Linear layers over GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) with float32 activations.
+// Linear layers over GGUF block-quantized weights with float32 activations: Q4_0, Q4_1 (and
+// Q4_K, packed as Q4_1), Q8_0, and int8 codes with a scale per 16 weights (Q6_K).
 //
 // Decode on a CPU is bound by reading weights; keeping Q4_1 weights at 0.75 bytes each instead of
 // 4 (float32) is the point. The weights are repacked at load time (ferry/kernels/packing.py) into
 // tiles of 16 output rows:
 //   codes: uint8 [N/16, K/2, 16]  Q4: byte (p, j) = code(k=2p) | code(k=2p+1) << 4 of row 16t+j
-//          uint8 [N/16, K, 16]    Q8_0: the int8 code of (k, row 16t+j)
-//   d, m:  float32 [N/16, K/32, 16]  per 32-wide block and row (m: Q4_1 only)
+//          uint8 [N/16, K, 16]    Q8_0, Q8_16: the int8 code of (k, row 16t+j)
+//   d, m:  float32 [N/16, K/32, 16]  per 32-wide block and row (m: Q4_1 only; Q8_16: K/16)
 // so one vector load gives one k for 16 rows, and the kernel accumulates a [rows x 16] tile of
 // the output in registers (no horizontal sums).
 //
@@ -29,11 +30,15 @@
 namespace ferry {
 namespace {
 
-constexpr int64_t kBlock = 32;  // weights per quant block along K, for every supported type
+constexpr int64_t kBlock = 32;  // weights along K walked per step, for every supported type
 constexpr int64_t kTile = 16;   // output rows per packed tile
 constexpr int kMaxRows = 16;    // activation rows per register tile
 
-enum QuantType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+// kQ8_16: int8 codes with one scale per 16 weights (GGUF Q6_K, codes q - 32)
+enum QuantType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ8_16 = 3 };
+
+constexpr bool byte_codes(int64_t qtype) { return qtype == kQ8_0 || qtype == kQ8_16; }
+constexpr int64_t scale_span(int64_t qtype) { return qtype == kQ8_16 ? 16 : kBlock; }
 
 struct Packed {
   const uint8_t* codes;
@@ -48,7 +53,7 @@ struct Packed {
 
 template <int64_t QT>
 inline __m512 dequant(__m128i codes16, __m512 d, __m512 m) {
-  if constexpr (QT == kQ8_0) {
+  if constexpr (byte_codes(QT)) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes16)), d);
   } else if constexpr (QT == kQ4_1) {
     return _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes16))), m);
@@ -58,11 +63,13 @@ inline __m512 dequant(__m128i codes16, __m512 d, __m512 m) {
   }
 }
 
-// The two weight vectors (k = 2j and 2j + 1 of a block, 16 rows each) of pair j of a block.
+// The two weight vectors (k = 2j and 2j + 1 of a block, 16 rows each) of pair j of a block;
+// d_lo scales the block's weights 0..15, d_hi 16..31 (the same vector unless kQ8_16).
 template <int64_t QT>
-inline void dequant_pair(const uint8_t* block_codes, int64_t j, __m512 d, __m512 m, __m512& w0,
-                         __m512& w1) {
-  if constexpr (QT == kQ8_0) {
+inline void dequant_pair(const uint8_t* block_codes, int64_t j, __m512 d_lo, __m512 d_hi,
+                         __m512 m, __m512& w0, __m512& w1) {
+  const __m512 d = j < kBlock / 4 ? d_lo : d_hi;
+  if constexpr (byte_codes(QT)) {
     w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m);
     w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m);
   } else {
@@ -73,16 +80,18 @@ inline void dequant_pair(const uint8_t* block_codes, int64_t j, __m512 d, __m512
   }
 }
 
-// Calls visit(b, d, m, block_codes) for each 32-wide block of a tile, with its scales loaded.
+// Calls visit(b, d_lo, d_hi, m, block_codes) for each 32-wide block of a tile, scales loaded.
 template <int64_t QT, typename Visit>
 inline void for_each_block(const Packed& p, int64_t tile, Visit visit) {
+  constexpr int64_t per_block = kBlock / scale_span(QT);  // scale vectors per 32-wide block
   const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
   const float* dt = p.d + tile * p.tile_scales;
   const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
   for (int64_t b = 0; b < p.k / kBlock; ++b) {
-    const __m512 d = _mm512_loadu_ps(dt + b * kTile);
+    const __m512 d_lo = _mm512_loadu_ps(dt + b * per_block * kTile);
+    const __m512 d_hi = per_block == 1 ? d_lo : _mm512_loadu_ps(dt + (b * per_block + 1) * kTile);
     const __m512 m = QT == kQ4_1 ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
-    visit(b, d, m, codes + b * kBlock * kTile / (QT == kQ8_0 ? 1 : 2));
+    visit(b, d_lo, d_hi, m, codes + b * kBlock * kTile / (byte_codes(QT) ? 1 : 2));
   }
 }
 
@@ -123,13 +132,14 @@ template <int64_t QT, int R>
 void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
                  int64_t ldo, int64_t cols) {
   TileAccumulator<R> acc;
-  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d, __m512 m, const uint8_t* block_codes) {
+  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d_lo, __m512 d_hi, __m512 m,
+                                      const uint8_t* block_codes) {
     // the next block's codes, a few cache lines ahead of the loads below
     _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024 + 64, _MM_HINT_T0);
     for (int64_t j = 0; j < kBlock / 2; ++j) {
       __m512 w0, w1;
-      dequant_pair<QT>(block_codes, j, d, m, w0, w1);
+      dequant_pair<QT>(block_codes, j, d_lo, d_hi, m, w0, w1);
       acc.add_pair(x, ldx, b * kBlock + 2 * j, w0, w1);
     }
   });
@@ -140,11 +150,12 @@ void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, flo
 // Used when many activation rows would otherwise dequantize the same tile again and again.
 template <int64_t QT>
 void dequantize_tile(const Packed& p, int64_t tile, float* scratch) {
-  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d, __m512 m, const uint8_t* block_codes) {
+  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d_lo, __m512 d_hi, __m512 m,
+                                      const uint8_t* block_codes) {
     float* out = scratch + b * kBlock * kTile;
     for (int64_t j = 0; j < kBlock / 2; ++j) {
       __m512 w0, w1;
-      dequant_pair<QT>(block_codes, j, d, m, w0, w1);
+      dequant_pair<QT>(block_codes, j, d_lo, d_hi, m, w0, w1);
       _mm512_storeu_ps(out + 2 * j * kTile, w0);
       _mm512_storeu_ps(out + (2 * j + 1) * kTile, w1);
     }
@@ -178,7 +189,7 @@ void run_dense_rows(const float* x, int64_t ldx, const float* w, int64_t k, floa
 
 template <int64_t QT>
 inline float dequant_one(const uint8_t* codes, int64_t k, int64_t j, float d, float m) {
-  if constexpr (QT == kQ8_0) {
+  if constexpr (byte_codes(QT)) {
     return static_cast<float>(static_cast<int8_t>(codes[k * kTile + j])) * d;
   } else {
     const uint8_t byte = codes[(k / 2) * kTile + j];
@@ -199,7 +210,7 @@ void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, flo
   const float* dt = p.d + tile * p.tile_scales;
   const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
   for (int64_t k = 0; k < p.k; ++k) {
-    const int64_t b = k / kBlock;
+    const int64_t b = k / scale_span(QT);
     float w[kTile];
     for (int64_t j = 0; j < kTile; ++j) {
       w[j] = dequant_one<QT>(codes, k, j, dt[b * kTile + j], mt ? mt[b * kTile + j] : 0.0f);
@@ -263,23 +274,23 @@ void quant_matmul(const float* x, int64_t rows, const Packed& p, int64_t n, floa
 
 Packed check_packed(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
                     int64_t qtype, int64_t n, int64_t k) {
-  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, "unknown quant type ", qtype);
+  TORCH_CHECK(qtype >= kQ4_0 && qtype <= kQ8_16, "unknown quant type ", qtype);
   TORCH_CHECK(k > 0 && k % kBlock == 0, "in_features must be a multiple of 32, got ", k);
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t per_k = qtype == kQ8_0 ? kTile : kTile / 2;
+  const int64_t per_k = byte_codes(qtype) ? kTile : kTile / 2;
+  const int64_t tile_scales = (k / scale_span(qtype)) * kTile;
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte &&
                   codes.is_contiguous() && codes.numel() == tiles * k * per_k,
               "codes must be a contiguous uint8 CPU tensor of ", tiles * k * per_k, " bytes");
   TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() &&
-                  d.numel() == tiles * (k / kBlock) * kTile,
-              "d must be a contiguous float32 tensor [N/16, K/32, 16]");
+                  d.numel() == tiles * tile_scales,
+              "d must be a contiguous float32 tensor [N/16, K/span, 16]");
   if (qtype == kQ4_1) {
     TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.numel() == d.numel(),
                 "m must be a contiguous float32 tensor shaped like d");
   }
   return Packed{codes.data_ptr<uint8_t>(), d.data_ptr<float>(),
-                qtype == kQ4_1 ? m.data_ptr<float>() : nullptr, k, k * per_k,
-                (k / kBlock) * kTile};
+                qtype == kQ4_1 ? m.data_ptr<float>() : nullptr, k, k * per_k, tile_scales};
 }
 
 }  // namespace
@@ -299,7 +310,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   switch (qtype) {
     case kQ4_0: quant_matmul<kQ4_0>(xp, x.size(0), p, n, op); break;
     case kQ4_1: quant_matmul<kQ4_1>(xp, x.size(0), p, n, op); break;
-    default: quant_matmul<kQ8_0>(xp, x.size(0), p, n, op); break;
+    case kQ8_0: quant_matmul<kQ8_0>(xp, x.size(0), p, n, op); break;
+    default: quant_matmul<kQ8_16>(xp, x.size(0), p, n, op); break;
   }
   return out;
 }
@@ -326,8 +338,8 @@ at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& codes, const at::
     const float* mt = qtype == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
     float* o = o_ptr + i * k;
     for (int64_t kk = 0; kk < k; ++kk) {
-      const int64_t s = (kk / kBlock) * kTile + j;
-      if (qtype == kQ8_0) {
+      const int64_t s = (kk / scale_span(qtype)) * kTile + j;
+      if (byte_codes(qtype)) {
         o[kk] = static_cast<float>(static_cast<int8_t>(codes_t[kk * kTile + j])) * dt[s];
       } else {
         const uint8_t byte = codes_t[(kk / 2) * kTile + j];

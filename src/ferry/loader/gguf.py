@@ -123,7 +123,8 @@ def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
 
 
 def raw_quantized(t: ReaderTensor, shape: tuple[int, ...]) -> QuantizedTensor:
-    """A Q4_0/Q4_1/Q8_0/Q4_K weight's blocks, copied out of the memory map, one row per output."""
+    """A kernel-type weight's blocks (see packing.KERNEL_TYPES), copied out of the memory map, one
+    row per output."""
     n, k = shape
     try:
         blocks = np.array(t.data, dtype=np.uint8, copy=True).reshape(n, -1)

@@ -29,6 +29,17 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 Weight = torch.Tensor | QuantizedTensor
 
 
+def _same_type_runs(tensors: list[QuantizedTensor]) -> list[QuantizedTensor]:
+    """Consecutive row slices of one quant type fused into one tensor each (one kernel call)."""
+    runs: list[list[QuantizedTensor]] = []
+    for t in tensors:
+        if runs and runs[-1][0].qtype == t.qtype and runs[-1][0].shape[1] == t.shape[1]:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return [concat_rows(run) for run in runs]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
@@ -133,8 +144,9 @@ class LlamaForCausalLM(nn.Module):
         """Copy Hugging Face-named tensors in, filling the fused q/k/v and gate/up slices.
 
         ``QuantizedTensor`` weights are kept packed when ``quant_ops`` (the compiled kernels) is
-        given and every slice of the layer's weight arrives quantized with one type; otherwise
-        they are dequantized like any other. Returns how many layers hold packed weights.
+        given and every slice of the layer's weight arrives as one (of any kernel types: each run
+        of one type is a part); otherwise they are dequantized like any other. Returns how many
+        layers hold packed weights.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -158,14 +170,14 @@ class LlamaForCausalLM(nn.Module):
         packed = 0
         for target, parts in quantized.items():
             parts.sort(key=lambda p: p[0] or (0, 0))
-            tensors = [t for _, t in parts]
             layer = self.get_submodule(target.rsplit(".", 1)[0])
-            fused = concat_rows(tensors) if len({t.qtype for t in tensors}) == 1 else None
-            if (isinstance(layer, Linear) and target.endswith(".weight") and fused is not None
-                    and fused.shape == tuple(params[target].shape)):
-                layer.use_packed(PackedWeight(pack(fused), quant_ops))
+            groups = _same_type_runs([t for _, t in parts])
+            if (isinstance(layer, Linear) and target.endswith(".weight")
+                    and sum(g.shape[0] for g in groups) == params[target].shape[0]
+                    and all(g.shape[1] == params[target].shape[1] for g in groups)):
+                layer.use_packed([PackedWeight(pack(g), quant_ops) for g in groups])
                 packed += 1
-            else:  # e.g. q/k in Q4_1 but v in Q6_K: one kernel cannot run the fused matmul
+            else:  # e.g. q/k quantized but v a float or Q5_K tensor: dequantize them all
                 for rows, t in parts:
                     self._copy_in(target, params[target], rows, t)
         return packed

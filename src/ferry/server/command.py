@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--dtype", default=defaults_m.dtype, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default=defaults_m.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--weight-format", default=defaults_m.weight_format, choices=WEIGHT_FORMATS,
-                   help="auto: GGUF Q4_0/Q4_1/Q8_0/Q4_K weights stay quantized on ferry's CPU kernels "
-                        "(float32 on CPU); dense: dequantize every weight to --dtype "
+                   help="auto: GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights stay quantized on ferry's "
+                        "CPU kernels (float32 on CPU); dense: dequantize every weight to --dtype "
                         "(default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens (default: the model's)")

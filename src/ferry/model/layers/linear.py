@@ -1,12 +1,14 @@
 """Linear and embedding layers whose weight is either a dense parameter or packed GGUF blocks.
 
-A layer starts dense (an ``nn.Linear``-shaped ``weight``); ``use_packed`` swaps in a
-``PackedWeight`` built from the file's Q4_0/Q4_1/Q8_0/Q4_K blocks and drops the dense copy. The packed
-path runs ``quant_linear.cpp`` on float32 CPU activations.
+A layer starts dense (an ``nn.Linear``-shaped ``weight``); ``use_packed`` swaps in one or more
+``PackedWeight`` row ranges built from the file's quantized blocks and drops the dense copy. A fused
+projection whose parts have different types (q/k in Q4_K, v in Q6_K) keeps one part per type. The
+packed path runs ``quant_linear.cpp`` on float32 CPU activations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -50,13 +52,16 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.packed: PackedWeight | None = None
+        self.packed: nn.ModuleList | None = None  # PackedWeight parts, in output-row order
 
-    def use_packed(self, packed: PackedWeight) -> None:
-        if (packed.out_features, packed.in_features) != (self.out_features, self.in_features):
-            raise ValueError(f"packed weight [{packed.out_features}, {packed.in_features}] does "
-                             f"not fit [{self.out_features}, {self.in_features}]")
-        self.packed = packed
+    def use_packed(self, parts: Sequence[PackedWeight]) -> None:
+        rows = sum(p.out_features for p in parts)
+        if not parts or rows != self.out_features or any(
+                p.in_features != self.in_features for p in parts):
+            shapes = ", ".join(f"[{p.out_features}, {p.in_features}]" for p in parts)
+            raise ValueError(f"packed weights {shapes or '(none)'} do not fit "
+                             f"[{self.out_features}, {self.in_features}]")
+        self.packed = nn.ModuleList(parts)
         # the dense copy is not needed any more; an empty tensor keeps the parameter's name
         self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
                                                device=self.weight.device), requires_grad=False)
@@ -65,7 +70,10 @@ class Linear(nn.Module):
         # x: [T, in] -> [T, out]
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        y = self.packed.matmul(x)
+        if len(self.packed) == 1:
+            y = self.packed[0].matmul(x)
+        else:
+            y = torch.cat([part.matmul(x) for part in self.packed], dim=-1)
         return y if self.bias is None else y + self.bias
 
 
@@ -79,4 +87,6 @@ class VocabEmbedding(Linear):
         # ids: [T] -> [T, hidden]
         if self.packed is None:
             return F.embedding(ids, self.weight)
-        return self.packed.rows(ids)
+        if len(self.packed) != 1:
+            raise RuntimeError("an embedding is packed from one tensor")
+        return self.packed[0].rows(ids)
