@@ -12,6 +12,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import anyio
+
 from ferry.gateway.backends.base import Backend
 from ferry.gateway.config import GatewayConfig, ModelConfig, OverflowConfig
 from ferry.gateway.routing.base import Candidate, RoutingPolicy
@@ -97,12 +99,13 @@ class Router:
             if got.code != "unavailable" or remaining <= 0:
                 raise got
             self._changed.clear()
-            try:
-                # NOTE: the event covers releases and health changes; the short poll covers load
-                # signals that drop without an event of ours (a scrape lands between two waits).
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.25))
-            except asyncio.TimeoutError:
-                pass
+            # NOTE: the event covers releases and health changes; the short poll covers load
+            # signals that drop without an event of ours (a scrape lands between two waits).
+            # anyio's scope, not asyncio.wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that lands as the event fires, and a request whose client left while
+            # queued would then wait on and reach upstream.
+            with anyio.move_on_after(min(remaining, 0.25)):
+                await self._changed.wait()
 
     def release(self, backend: Backend) -> None:
         backend.inflight -= 1
