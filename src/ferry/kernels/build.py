@@ -83,6 +83,10 @@ def main() -> None:
         print(f"ferry: CPU kernels not available ({e}); GGUF weights will be dequantized to "
               "float32 at load and attention will run on PyTorch ops")
         return
+    if not ops.vectorized():
+        print("ferry: CPU kernels built, but this CPU has no AVX-512: ferry will use dequantized "
+              "float32 weights and PyTorch ops")
+        return
     print(f"ferry: CPU kernels ready ({Path(ops.__file__).name})")
 
 

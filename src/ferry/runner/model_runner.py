@@ -89,10 +89,17 @@ class ModelRunner:
                         "(ferry's kernels run float32 on CPU only)", self.dtype)
             return None
         try:
-            return load_cpu_kernels()
+            kernels = load_cpu_kernels()
         except KernelUnavailableError as e:
             logger.warning("%s; GGUF weights are dequantized to float32 instead", e)
             return None
+        if not kernels.vectorized():
+            # NOTE: the portable build is a correctness fallback, several times slower than
+            # PyTorch's matmuls; without AVX-512 the dense path is the fast one.
+            logger.warning("ferry's CPU kernels need AVX-512, which this CPU lacks; GGUF weights "
+                           "are dequantized to float32 and attention runs on PyTorch ops")
+            return None
+        return kernels
 
     @property
     def kv_cache_bytes(self) -> int:
