@@ -49,6 +49,23 @@ struct Packed {
   int64_t tile_scales;      // floats of d (and of m) per tile
 };
 
+// One weight: row j of a tile at k, with that row's scale d and minimum m (used by the portable
+// kernel and by row lookups; the vector kernels below do the same arithmetic 16 rows at a time).
+template <int64_t QT>
+inline float dequant_one(const uint8_t* codes, int64_t k, int64_t j, float d, float m) {
+  if constexpr (byte_codes(QT)) {
+    return static_cast<float>(static_cast<int8_t>(codes[k * kTile + j])) * d;
+  } else {
+    const uint8_t byte = codes[(k / 2) * kTile + j];
+    const int q = (k % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+    if constexpr (QT == kQ4_1) {
+      return d * static_cast<float>(q) + m;
+    } else {
+      return d * static_cast<float>(q - 8);
+    }
+  }
+}
+
 #if defined(__AVX512F__)
 
 template <int64_t QT>
@@ -187,21 +204,6 @@ void run_dense_rows(const float* x, int64_t ldx, const float* w, int64_t k, floa
 
 #else  // portable fallback: same layout and arithmetic, one weight at a time
 
-template <int64_t QT>
-inline float dequant_one(const uint8_t* codes, int64_t k, int64_t j, float d, float m) {
-  if constexpr (byte_codes(QT)) {
-    return static_cast<float>(static_cast<int8_t>(codes[k * kTile + j])) * d;
-  } else {
-    const uint8_t byte = codes[(k / 2) * kTile + j];
-    const int q = (k % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
-    if constexpr (QT == kQ4_1) {
-      return d * static_cast<float>(q) + m;
-    } else {
-      return d * static_cast<float>(q - 8);
-    }
-  }
-}
-
 template <int64_t QT, int R>
 void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
                  int64_t ldo, int64_t cols) {
@@ -293,6 +295,21 @@ Packed check_packed(const at::Tensor& codes, const at::Tensor& d, const at::Tens
                 qtype == kQ4_1 ? m.data_ptr<float>() : nullptr, k, k * per_k, tile_scales};
 }
 
+// out[i, :] = dequantized row ids[i]
+template <int64_t QT>
+void lookup_rows(const int64_t* ids, int64_t t, const Packed& p, float* out) {
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t tile = ids[i] / kTile, j = ids[i] % kTile;
+    const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
+    const float* dt = p.d + tile * p.tile_scales;
+    const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+    for (int64_t k = 0; k < p.k; ++k) {
+      const int64_t s = (k / scale_span(QT)) * kTile + j;
+      out[i * p.k + k] = dequant_one<QT>(codes, k, j, dt[s], mt ? mt[s] : 0.0f);
+    }
+  }
+}
+
 }  // namespace
 
 // x: [M, K] float32 -> x @ W.T: [M, N]
@@ -330,24 +347,11 @@ at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& codes, const at::
   }
   at::Tensor out = at::empty({t, k}, d.options());
   float* o_ptr = out.data_ptr<float>();
-  for (int64_t i = 0; i < t; ++i) {
-    const int64_t tile = id_ptr[i] / kTile;
-    const int64_t j = id_ptr[i] % kTile;
-    const uint8_t* codes_t = p.codes + tile * p.tile_code_bytes;
-    const float* dt = p.d + tile * p.tile_scales;
-    const float* mt = qtype == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
-    float* o = o_ptr + i * k;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const int64_t s = (kk / scale_span(qtype)) * kTile + j;
-      if (byte_codes(qtype)) {
-        o[kk] = static_cast<float>(static_cast<int8_t>(codes_t[kk * kTile + j])) * dt[s];
-      } else {
-        const uint8_t byte = codes_t[(kk / 2) * kTile + j];
-        const int q = (kk % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
-        o[kk] = qtype == kQ4_1 ? dt[s] * static_cast<float>(q) + mt[s]
-                               : dt[s] * static_cast<float>(q - 8);
-      }
-    }
+  switch (qtype) {
+    case kQ4_0: lookup_rows<kQ4_0>(id_ptr, t, p, o_ptr); break;
+    case kQ4_1: lookup_rows<kQ4_1>(id_ptr, t, p, o_ptr); break;
+    case kQ8_0: lookup_rows<kQ8_0>(id_ptr, t, p, o_ptr); break;
+    default: lookup_rows<kQ8_16>(id_ptr, t, p, o_ptr); break;
   }
   return out;
 }

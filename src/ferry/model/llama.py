@@ -53,21 +53,21 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata,
+                kernels: ModuleType | None) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        if meta.kernels is not None:  # rotate q and k in place, in the fused output
-            meta.kernels.rotary_qkv_(qkv, rope[0].squeeze(1), rope[1].squeeze(1), self.num_heads,
-                                     self.num_kv_heads, self.head_dim)
+        if kernels is not None:  # rotate q and k in place, in the fused output
+            kernels.rotary_qkv_(qkv, rope[0].squeeze(1), rope[1].squeeze(1), self.num_heads,
+                                self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if meta.kernels is None:
+        if kernels is None:
             q, k = apply_rotary(q, k, *rope)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kernels)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -94,13 +94,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch)
 
-    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        kernels = meta.kernels
+    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata,
+                kernels: ModuleType | None) -> torch.Tensor:
         if kernels is None:
-            x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+            x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, None)
             return x + self.mlp(self.post_attention_layernorm(x))
-        attn = self.self_attn(self.input_layernorm(x, kernels), rope, kv_cache, meta)
+        attn = self.self_attn(self.input_layernorm(x, kernels), rope, kv_cache, meta, kernels)
         x, h = kernels.add_rms_norm(x, attn, self.post_attention_layernorm.weight,
                                     self.post_attention_layernorm.eps)
         return x + self.mlp(h, kernels)
@@ -117,6 +116,8 @@ class LlamaForCausalLM(nn.Module):
                                     arch.rope_scaling)
         self.lm_head = (None if arch.tie_word_embeddings
                         else Linear(arch.hidden_size, arch.vocab_size, bias=False))
+        # ferry's compiled CPU kernels (float32 only), set by the runner; None: PyTorch ops
+        self.kernels: ModuleType | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -124,8 +125,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens.embed(input_ids)
         rope = self.rope(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x, meta.kernels)
+            x = layer(x, rope, kv_cache, meta, self.kernels)
+        return self.norm(x, self.kernels)
 
     def init_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers after building on the meta device."""

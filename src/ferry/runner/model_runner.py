@@ -61,6 +61,7 @@ class ModelRunner:
             model = build_model(arch)
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
         self.kernels = self._cpu_kernels()
+        model.kernels = self.kernels
         quant_ops = self.kernels if model_config.weight_format == "auto" else None
         self.num_packed_layers: int = model.load_weights(  # type: ignore[operator]
             weights(quant_ops is not None), quant_ops)
@@ -179,7 +180,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decode_tables), decode_block_table=table, decode_mask=mask,
-            prefills=tuple(prefills), decode_context_lens=lens, kernels=self.kernels)
+            prefills=tuple(prefills), decode_context_lens=lens)
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.tensor(pos, dtype=torch.long, device=dev), meta,
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))

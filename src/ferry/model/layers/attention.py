@@ -8,7 +8,7 @@ is writing (prefix hits registered at scheduling time) — the write always land
     slot = block_id * block_size + offset_in_block
 
 Decodes (one query token each) run in one call: ferry's C++ kernel reading K/V in place (float32 on
-CPU, when ``AttentionMetadata.kernels`` is set), else one padded batch gathered from the cache for
+CPU, when the model has its ``kernels``), else one padded batch gathered from the cache for
 PyTorch's SDPA. Prefill chunks run one sequence at a time (from the fresh K/V when the chunk starts
 at position 0, else gathered from the cache).
 """
@@ -41,7 +41,6 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool (SDPA path)
     prefills: tuple[PrefillSeq, ...]
     decode_context_lens: torch.Tensor | None = None  # [B] long (kernel path)
-    kernels: ModuleType | None = None  # ferry's CPU kernels: decode attention in place
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -53,13 +52,14 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    kernels: ModuleType | None = None) -> torch.Tensor:
     # q: [T, H, D]; k, v: [T, Hkv, D] -> out: [T, H, D]
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[:meta.num_decodes] = _decode_attention(q[:meta.num_decodes], k_cache, v_cache, meta,
-                                                   scale)
+                                                   scale, kernels)
     for seq in meta.prefills:
         out[seq.start:seq.end] = _prefill_attention(q[seq.start:seq.end], k[seq.start:seq.end],
                                                     v[seq.start:seq.end], k_cache, v_cache, seq,
@@ -68,13 +68,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                      meta: AttentionMetadata, scale: float,
+                      kernels: ModuleType | None) -> torch.Tensor:
     # q: [B, H, D] -> [B, H, D]
     assert meta.decode_block_table is not None
-    if meta.kernels is not None:
+    if kernels is not None:
         assert meta.decode_context_lens is not None
-        return meta.kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table,
-                                                   meta.decode_context_lens, scale)
+        return kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table,
+                                              meta.decode_context_lens, scale)
     assert meta.decode_mask is not None
     b, h, d = q.shape
     hkv = k_cache.shape[2]
