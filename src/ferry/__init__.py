@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.sampling_params import SamplingParams
-
-__version__ = "0.1.0"
+from ferry.version import __version__
 
 if TYPE_CHECKING:
     from ferry.engine.llm_engine import LLM

@@ -1,8 +1,9 @@
-"""OpenAI's error shape and the exception handlers that produce it.
+"""OpenAI's error shape, built in one place for ``ferry serve`` and ``ferry gateway``.
 
-Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the matching
-HTTP status, so that the official SDK raises its typed exceptions (``BadRequestError``,
-``NotFoundError``, ``AuthenticationError``, ``RateLimitError``, ...).
+Every error leaves either server as ``{"error": {"message", "type", "param", "code"}}`` with the
+matching HTTP status, so that the official SDK raises its typed exceptions (``BadRequestError``,
+``NotFoundError``, ``AuthenticationError``, ``RateLimitError``, ...). A leaf module: it imports
+nothing from ferry, so the server and the gateway (sibling layers) can both use it.
 """
 
 from __future__ import annotations
@@ -22,39 +23,48 @@ logger = logging.getLogger(__name__)
 _TYPES: dict[int, str] = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "upstream_error",
     503: "service_unavailable",
 }
 
 
 class OpenAIError(Exception):
-    """An error to send in OpenAI's shape; raise it anywhere inside a route."""
+    """An error to send in OpenAI's shape; raise it anywhere inside a route, or ``response()`` it.
 
-    def __init__(self, status_code: int, message: str, *, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    ``type`` defaults from the status (``_TYPES``); pass it where a status has more than one
+    meaning (a 429 is ``rate_limit_error`` or ``insufficient_quota``).
+    """
+
+    def __init__(self, status_code: int, message: str, *, type: str | None = None,
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+        self.type = type
         self.param = param
         self.code = code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status_code, self.message, param=self.param, code=self.code)
+        return error_body(self.status_code, self.message, type=self.type, param=self.param,
+                          code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
-def error_body(status_code: int, message: str, *, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status_code, "invalid_request_error"),
+def error_body(status_code: int, message: str, *, type: str | None = None,
+               param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message,
+                      "type": type or _TYPES.get(status_code, "invalid_request_error"),
                       "param": param, "code": code}}
-
-
-def error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -111,12 +121,12 @@ def validation_error_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
 
 async def _openai_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, OpenAIError)  # registered for OpenAIError only
-    return error_response(exc)
+    return exc.response()
 
 
 async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, (RequestValidationError, ValidationError))
-    return error_response(validation_error_to_openai(list(exc.errors())))
+    return validation_error_to_openai(list(exc.errors())).response()
 
 
 async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
