@@ -9,48 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.shapes import ModelShape
+
 _DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_FORMATS = ("auto", "dense")
 
 
-@dataclass(frozen=True)
-class ArchConfig:
-    """Architecture of a llama-family model, in Hugging Face ``config.json`` terms."""
+@dataclass(frozen=True, kw_only=True)
+class ArchConfig(ModelShape):
+    """A llama-family model as the engine runs it: its shape (``ferry.shapes.ModelShape``) plus rope, norm
+    and special token ids, in Hugging Face ``config.json`` terms."""
 
     architecture: str  # e.g. "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    max_position_embeddings: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
-    head_dim_override: int | None = None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        super().__post_init__()
         if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
-
-    @property
-    def head_dim(self) -> int:
-        return self.head_dim_override or self.hidden_size // self.num_attention_heads
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """K and V for one token across all layers."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
 
 @dataclass(frozen=True)

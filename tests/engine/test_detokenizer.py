@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ferry.engine.detokenizer import IncrementalDetokenizer
-from ferry.engine.tokenizer import Tokenizer
+from ferry.tokenizer import Tokenizer
 from ferry.loader.gguf import open_gguf, read_metadata
 
 TEXT = ("The quick brown fox 🦊 jumps over the lazy dog. 日本語のテキスト、中文。 "

@@ -6,7 +6,7 @@ import pytest
 
 from ferry.engine.kv_cache import BlockPool, KVCacheManager
 from ferry.engine.kv_cache.hashing import extend_block_hashes, hash_block
-from ferry.engine.request import Request
+from ferry.batch.request import Request
 from ferry.sampling_params import SamplingParams
 
 BS = 4

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ferry import LLM, SamplingParams
-from ferry.engine.request import Request
-from ferry.engine.scheduler import ScheduledRequest, SchedulerOutput
+from ferry.batch.outputs import ScheduledRequest, SchedulerOutput
+from ferry.batch.request import Request
 from ferry.loader import ModelFormatError, ModelNotFoundError
 
 PROMPT = "Write a short poem about autumn leaves."
@@ -115,7 +115,8 @@ def test_logprobs_are_real_log_probabilities(llm: LLM) -> None:
     req = Request("score", ids, SamplingParams(), (), 1)
     assert core.kv.allocate_slots(req, len(ids))
     try:
-        logits = core.runner.all_logits(SchedulerOutput([ScheduledRequest(req, len(ids))]))
+        logits = core.runner.all_logits(SchedulerOutput([
+            ScheduledRequest(req, len(ids), core.kv.block_ids(req.request_id))]))
     finally:
         core.kv.free(req)
     full = torch.log_softmax(logits.double(), dim=-1)

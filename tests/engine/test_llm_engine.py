@@ -8,7 +8,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
 from ferry import LLM, SamplingParams
-from ferry.engine.tokenizer import Tokenizer
+from ferry.tokenizer import Tokenizer
 
 
 def _sentencepiece_like() -> Tokenizer:

@@ -14,8 +14,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from ferry import LLM, SamplingParams
-from ferry.engine.request import Request
-from ferry.engine.scheduler import ScheduledRequest, SchedulerOutput
+from ferry.batch.outputs import ScheduledRequest, SchedulerOutput
+from ferry.batch.request import Request
 
 from hf_reference import hf_greedy, load_hf
 from loader.test_gguf import write_gguf
@@ -39,7 +39,8 @@ def ferry_prompt_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     req = Request("parity", ids, SamplingParams(), (), 1)
     assert core.kv.allocate_slots(req, len(ids))
     try:
-        return core.runner.all_logits(SchedulerOutput([ScheduledRequest(req, len(ids))]))
+        return core.runner.all_logits(SchedulerOutput([
+            ScheduledRequest(req, len(ids), core.kv.block_ids(req.request_id))]))
     finally:
         core.kv.free(req)
 

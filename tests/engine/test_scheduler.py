@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ferry.config import SchedulerConfig
 from ferry.engine.kv_cache import KVCacheManager
-from ferry.engine.request import Request, RequestStatus
-from ferry.engine.scheduler import ModelRunnerOutput, SampledToken, Scheduler
+from ferry.batch.outputs import ModelRunnerOutput, SampledToken, SchedulerOutput
+from ferry.batch.request import Request, RequestStatus
+from ferry.engine.scheduler import Scheduler
 from ferry.sampling_params import SamplingParams
 
 BS = 4
@@ -22,6 +23,60 @@ def run_step(sched: Scheduler, token: int = 7) -> tuple[list[tuple[str, int]], l
     sampled = {s.request.request_id: SampledToken(token) for s in out.scheduled if s.samples}
     sched.update(out, ModelRunnerOutput(sampled))
     return [(s.request.request_id, s.num_new_tokens) for s in out.scheduled], out.preempted
+
+
+def run_step_blocks(sched: Scheduler) -> tuple[SchedulerOutput, list[tuple[str, int, list[int]]]]:
+    """One step; the output and each scheduled request's (id, new tokens, block ids)."""
+    out = sched.schedule()
+    sched.update(out, ModelRunnerOutput(
+        {s.request.request_id: SampledToken(7) for s in out.scheduled if s.samples}))
+    return out, [(s.request.request_id, s.num_new_tokens, s.block_ids) for s in out.scheduled]
+
+
+def test_scheduled_requests_carry_exact_block_ids() -> None:
+    kv = KVCacheManager(8, BS)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), kv, 1024)
+    a = make("a", 10, max_tokens=1)
+    sched.add_request(a)
+    assert run_step_blocks(sched)[1] == [("a", 10, [0, 1, 2])]
+    # a finished and freed its blocks tail first: free queue [3, 4, 5, 6, 7, 2, 1, 0], with 0 and 1
+    # still cached under a's first two blocks.
+    assert kv.pool.free_block_ids() == [3, 4, 5, 6, 7, 2, 1, 0]
+    b = Request("b", a.prompt_token_ids[:8] + [1, 2, 3], SamplingParams(max_tokens=2), (), 2)
+    sched.add_request(b)
+    out, scheduled = run_step_blocks(sched)
+    assert scheduled == [("b", 3, [0, 1, 3])]  # two hit blocks, then the oldest free one
+    assert b.num_cached_tokens == 8
+    assert run_step_blocks(sched)[1] == [("b", 1, [0, 1, 3])]  # the decode fits block 3
+    # The block ids are the step's own list: later allocations do not change a past step.
+    assert out.scheduled[0].block_ids == [0, 1, 3]
+    assert kv.num_free_blocks == 8
+
+
+def test_block_ids_after_preemption_and_recompute() -> None:
+    kv = KVCacheManager(4, BS)  # 16 token slots
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), kv, 1024)
+    a, b = make("a", 7, max_tokens=6), make("b", 7, max_tokens=6)
+    sched.add_request(a)
+    sched.add_request(b)
+    assert run_step_blocks(sched)[1] == [("a", 7, [0, 1]), ("b", 7, [2, 3])]
+    before, scheduled = run_step_blocks(sched)
+    assert scheduled == [("a", 1, [0, 1]), ("b", 1, [2, 3])]
+    # a needs a third block: b is preempted and frees [3, 2] (tail first); a takes block 3.
+    out, scheduled = run_step_blocks(sched)
+    assert out.preempted == ["b"]
+    assert scheduled == [("a", 1, [0, 1, 3])]
+    assert before.scheduled[0].block_ids == [0, 1]  # a past step's table is not extended
+    while a.status == RequestStatus.RUNNING:
+        _, scheduled = run_step_blocks(sched)
+        assert [blocks for _, _, blocks in scheduled] == [[0, 1, 3]]
+    # a freed [3, 1, 0] behind the still-cached block 2 (b's first block): b hits block 2 and takes
+    # 3 and 1 for the 5 tokens it recomputes.
+    assert kv.pool.free_block_ids() == [2, 3, 1, 0]
+    assert run_step_blocks(sched)[1] == [("b", 5, [2, 3, 1])]
+    while sched.has_unfinished():
+        run_step_blocks(sched)
+    assert kv.num_free_blocks == 4
 
 
 def test_chunked_prefill_mixes_with_decodes_under_the_budget() -> None:

@@ -202,7 +202,7 @@ def random_k_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) ->
 
 
 def _byte_tokens() -> list[str]:
-    from ferry.engine.tokenizer import _bytes_to_unicode
+    from ferry.tokenizer import _bytes_to_unicode
 
     return list(_bytes_to_unicode().values())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ from ferry_server import ServerProcess
 
 from ferry import LLM
 from ferry.cli import main
+from ferry.loader import load_model
 from ferry.planner.catalog import resolve_model
 from ferry.planner.memory import kv_token_capacity
+from ferry.shapes import ModelShape
 
 
 @pytest.mark.parametrize("kv_cache_memory", [8 << 20, 50_000_000])
@@ -20,6 +23,14 @@ def test_kv_token_capacity_equals_the_engine_pool(smollm2_path: Path, kv_cache_m
     stats = llm.engine.stats()
     engine_tokens = stats.num_total_blocks * llm.engine.config.cache.block_size
     assert kv_token_capacity(resolve_model(str(smollm2_path)), kv_cache_memory) == engine_tokens
+
+
+@pytest.mark.parametrize("fixture", ["smollm2_path", "tiny_llama_dir", "tiny_qwen2_dir"])
+def test_engine_and_planner_read_the_same_shape(request: pytest.FixtureRequest, fixture: str) -> None:
+    path: Path = request.getfixturevalue(fixture)
+    arch, model = load_model(str(path)).arch, resolve_model(str(path))
+    for f in fields(ModelShape):
+        assert getattr(arch, f.name) == getattr(model, f.name), f.name
 
 
 def _json_out(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:

@@ -28,7 +28,7 @@ class BenchTokenizer:
 def _from_gguf(path: Path) -> BenchTokenizer:
     from gguf import GGUFReader
 
-    from ferry.engine.tokenizer import Tokenizer
+    from ferry.tokenizer import Tokenizer
 
     reader = GGUFReader(str(path), "r")
     # NOTE: only the tokenizer keys are decoded; the tensors are never touched.

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ferry.config import WEIGHT_FORMATS
 from ferry.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ferry.engine.llm_engine import LLM
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,9 @@ def _models() -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from ferry import LLM
+def _load(args: argparse.Namespace) -> LLM:
+    # NOTE: imported here, not at the top: LLM pulls in torch, which `ferry models` does not need.
+    from ferry.engine.llm_engine import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device,
                kv_cache_memory=args.kv_cache_memory, weight_format=args.weight_format)
@@ -71,7 +75,7 @@ def _messages(args: argparse.Namespace, history: list[dict[str, str]]) -> list[d
     return ([{"role": "system", "content": args.system}] if args.system else []) + history
 
 
-def _generate(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int:
+def _generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> int:
     if args.raw:
         out = llm.generate(args.prompt, params)[0]
     else:
@@ -80,7 +84,7 @@ def _generate(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int
     return 0
 
 
-def _chat(llm: Any, args: argparse.Namespace, params: SamplingParams) -> int:
+def _chat(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> int:
     from ferry.engine.core import StepError
 
     engine = llm.engine

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from ferry.config import ArchConfig, EngineConfig
 from ferry.engine.kv_cache import KVCacheManager
-from ferry.engine.request import Request, RequestStatus
-from ferry.engine.scheduler import EngineCoreOutput, Scheduler
+from ferry.batch.outputs import EngineCoreOutput
+from ferry.batch.request import Request, RequestStatus
+from ferry.engine.scheduler import Scheduler
 from ferry.runner.model_runner import ModelRunner, WeightSource
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ class EngineCore:
         self.config = config
         self.arch = arch
         self.max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
-        self.runner = ModelRunner(arch, config.model, config.cache, weights,
-                                  lambda request_id: self.kv.block_ids(request_id))
+        self.runner = ModelRunner(arch, config.model, config.cache, weights)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)

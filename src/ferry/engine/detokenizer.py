@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ferry.engine.tokenizer import Tokenizer
+from ferry.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens used as decoding context for the first generated tokens.

@@ -12,8 +12,8 @@ from ferry.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ferry.engine.core import EngineCore, EngineStats
 from ferry.engine.detokenizer import IncrementalDetokenizer
 from ferry.engine.output_processor import OutputProcessor, RequestState, child_id
-from ferry.engine.request import Request, RequestStatus
-from ferry.engine.tokenizer import Tokenizer
+from ferry.batch.request import Request, RequestStatus
+from ferry.tokenizer import Tokenizer
 from ferry.loader import load_model
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.sampling_params import SamplingParams

@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 
 from ferry.engine.detokenizer import IncrementalDetokenizer
-from ferry.engine.request import Request
-from ferry.engine.scheduler import EngineCoreOutput
-from ferry.engine.tokenizer import Tokenizer
+from ferry.batch.request import Request
+from ferry.batch.outputs import EngineCoreOutput
+from ferry.tokenizer import Tokenizer
 from ferry.outputs import FINISH_STOP, CompletionOutput, RequestMetrics, RequestOutput
 
 

@@ -10,64 +10,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from ferry.config import SchedulerConfig
 from ferry.engine.kv_cache import KVCacheManager
-from ferry.engine.request import Request, RequestStatus
-from ferry.outputs import Logprob
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)
-
-    @property
-    def start(self) -> int:
-        return self.request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
-    preempted: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: Logprob | None = None
-
-
-@dataclass(frozen=True)
-class ModelRunnerOutput:
-    """One sampled token per scheduled request whose chunk reached its end, by request id."""
-
-    sampled: dict[str, SampledToken]
-
-
-@dataclass(frozen=True)
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[Logprob] | None
-    finish_reason: str | None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
+from ferry.batch.outputs import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from ferry.batch.request import Request, RequestStatus
 
 
 class Scheduler:
@@ -119,6 +71,9 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
+        # NOTE: victims are popped from the end of ``running``, at or after index ``i``, and the
+        # admission loop below never preempts: a request already scheduled this step (index < i)
+        # keeps its blocks for the whole step, so the block ids it carries stay valid.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -130,7 +85,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, num_new))
+                scheduled.append(ScheduledRequest(request, num_new,
+                                                  self.kv.block_ids(request.request_id)))
                 budget -= num_new
                 i += 1
 
@@ -156,7 +112,8 @@ class Scheduler:
             request.num_computed_tokens += computed.num_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new))
+            scheduled.append(ScheduledRequest(request, num_new,
+                                              self.kv.block_ids(request.request_id)))
             budget -= num_new
         return SchedulerOutput(scheduled, preempted)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ferry.config import ArchConfig
-from ferry.engine.tokenizer import Tokenizer
 from ferry.kernels.packing import QuantizedTensor
+from ferry.tokenizer import Tokenizer
 
 
 class ModelNotFoundError(ValueError):

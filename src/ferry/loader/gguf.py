@@ -21,9 +21,11 @@ from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
 from ferry.config import ArchConfig
-from ferry.engine.tokenizer import Tokenizer
 from ferry.kernels.packing import KERNEL_TYPES, QuantizedTensor
 from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
+from ferry.shapes import ShapeError
+from ferry.shapes.gguf import gguf_value, rope_from_gguf, shape_from_gguf
+from ferry.tokenizer import Tokenizer
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _ROPE_PERMUTED = {"llama"}  # architectures whose q/k llama.cpp stores in GGML rope order
@@ -135,61 +137,27 @@ def raw_quantized(t: ReaderTensor, shape: tuple[int, ...]) -> QuantizedTensor:
 
 def arch_from_metadata(fields: Mapping[str, Any], tensors: Mapping[str, tuple[int, ...]],
                        tokenizer: Tokenizer) -> ArchConfig:
-    """``ArchConfig`` from ``{arch}.*`` metadata; ``tensors`` maps GGUF names to numpy shapes."""
+    """``ArchConfig`` from ``{arch}.*`` metadata; ``tensors`` maps GGUF names to numpy shapes. The shape
+    is read by ``ferry.shapes.shape_from_gguf``."""
     arch = fields.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ModelFormatError(
             f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(_ARCHITECTURES))}")
-
-    def get(key: str, default: Any = None, kind: type = int) -> Any:
-        value = fields.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ModelFormatError(f"GGUF metadata lacks {arch}.{key}")
-        if isinstance(value, list):
-            if len(set(value)) != 1:
-                raise ModelFormatError(f"{arch}.{key} varies per layer ({value}); not supported")
-            value = value[0]
-        try:
-            return kind(value)
-        except (TypeError, ValueError) as e:
-            raise ModelFormatError(f"{arch}.{key} has an invalid value {value!r}") from e
-
     if "token_embd.weight" not in tensors:
         raise ModelFormatError("GGUF file has no token_embd.weight tensor")
-    hidden = get("embedding_length")
-    n_head = get("attention.head_count")
-    head_dim = get("attention.key_length", hidden // max(n_head, 1))
-    rope_scaling = None
-    scaling_type = fields.get(f"{arch}.rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        rope_scaling = {"rope_type": str(scaling_type), "factor": get("rope.scaling.factor", kind=float)}
-        if f"{arch}.rope.scaling.original_context_length" in fields:
-            rope_scaling["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
-    elif f"{arch}.rope.scale_linear" in fields:
-        rope_scaling = {"rope_type": "linear", "factor": get("rope.scale_linear", kind=float)}
     if "rope_freqs.weight" in tensors:
         # NOTE: llama-3.1 style files store per-dimension rope frequency factors as a tensor rather
         # than metadata. They change every position's rotation, so ignoring them would be wrong.
         raise ModelFormatError("GGUF files with a rope_freqs tensor (llama-3.1 rope scaling) are not supported")
     try:
-        return ArchConfig(
-            architecture=_ARCHITECTURES[arch],
-            vocab_size=get("vocab_size", tensors["token_embd.weight"][0]),
-            hidden_size=hidden,
-            intermediate_size=get("feed_forward_length"),
-            num_hidden_layers=get("block_count"),
-            num_attention_heads=n_head,
-            num_key_value_heads=get("attention.head_count_kv", n_head),
-            max_position_embeddings=get("context_length"),
-            rms_norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
-            rope_theta=get("rope.freq_base", 10000.0, kind=float),
-            rope_scaling=rope_scaling,
-            head_dim_override=head_dim if n_head * head_dim != hidden else None,
-            tie_word_embeddings="output.weight" not in tensors,
-            attention_bias="blk.0.attn_q.bias" in tensors,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_ids=tokenizer.eos_token_ids,
-        )
+        theta, scaling = rope_from_gguf(fields)
+        return shape_from_gguf(
+            fields, tensors, ArchConfig, architecture=_ARCHITECTURES[arch],
+            rms_norm_eps=gguf_value(fields, "attention.layer_norm_rms_epsilon", kind=float),
+            rope_theta=theta, rope_scaling=scaling,
+            bos_token_id=tokenizer.bos_token_id, eos_token_ids=tokenizer.eos_token_ids)
+    except ShapeError as e:
+        raise ModelFormatError(f"GGUF metadata {e}") from e
     except ValueError as e:
         raise ModelFormatError(f"GGUF metadata describes an invalid model: {e}") from e
 

@@ -12,9 +12,10 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ferry.config import ArchConfig
-from ferry.engine.tokenizer import Tokenizer
 from ferry.jsonfile import read_json_object
 from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
+from ferry.shapes import ShapeError, hf
+from ferry.tokenizer import Tokenizer
 
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _SUPPORTED = frozenset(_MODEL_TYPES.values())
@@ -35,63 +36,25 @@ def _ids(value: Any) -> tuple[int, ...]:
     raise ModelFormatError(f"eos_token_id must be an int or a list of ints, got {value!r}")
 
 
-def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from either the old keys or transformers 5's ``rope_parameters``.
-
-    ``rope_scaling`` is an HF-style dict keyed by ``rope_type`` (e.g. ``{"rope_type": "llama3",
-    "factor": 8.0, ...}``), or None for plain rope.
-    """
-    params = dict(config.get("rope_parameters") or {})
-    theta = float(config.get("rope_theta") or params.pop("rope_theta", None) or 10000.0)
-    params.pop("rope_theta", None)
-    scaling = config.get("rope_scaling") or params or None
-    if scaling is not None:
-        scaling = dict(scaling)
-        scaling.pop("rope_theta", None)
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
-        if scaling.get("rope_type", "default") == "default":
-            scaling = None
-    return theta, scaling
-
-
 def arch_from_config(config: Mapping[str, Any], generation: Mapping[str, Any],
                      tokenizer: Tokenizer) -> ArchConfig:
-    """``ArchConfig`` from ``config.json`` (+ ``generation_config.json`` eos ids)."""
-    archs = config.get("architectures") or [_MODEL_TYPES.get(config.get("model_type", ""), "")]
-    architecture = archs[0]
+    """``ArchConfig`` from ``config.json`` (+ ``generation_config.json`` eos ids); the shape as
+    ``ferry.shapes.shape_from_hf_config`` reads it."""
+    architecture = hf.architecture(config) or _MODEL_TYPES.get(hf.model_type(config), "")
     if architecture not in _SUPPORTED:
         raise ModelFormatError(f"unsupported architecture {architecture or config.get('model_type')!r}; "
                                f"supported: {', '.join(sorted(_SUPPORTED))}")
     if config.get("mlp_bias"):
         raise ModelFormatError("mlp_bias=true is not supported")
-    theta, scaling = _rope(config)
-    heads = config.get("num_attention_heads", 0)
-    head_dim = config.get("head_dim")
+    theta, scaling = hf.rope_from_hf_config(config)
     eos = _ids(generation.get("eos_token_id")) or _ids(config.get("eos_token_id")) or tokenizer.eos_token_ids
     bos = generation.get("bos_token_id", config.get("bos_token_id", tokenizer.bos_token_id))
     try:
-        return ArchConfig(
-            architecture=architecture,
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            max_position_embeddings=config["max_position_embeddings"],
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            head_dim_override=head_dim if head_dim and head_dim * heads != config["hidden_size"] else None,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            # NOTE: Qwen2's config has no attention_bias key; its q/k/v always carry a bias.
-            attention_bias=architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
-            bos_token_id=bos,
-            eos_token_ids=eos,
-        )
-    except KeyError as e:
-        raise ModelFormatError(f"config.json lacks {e.args[0]!r}") from e
+        return hf.shape_from_hf_config(
+            config, ArchConfig, architecture=architecture, rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rope_scaling=scaling, bos_token_id=bos, eos_token_ids=eos)
+    except ShapeError as e:
+        raise ModelFormatError(f"config.json {e}") from e
     except (TypeError, ValueError) as e:
         raise ModelFormatError(f"config.json describes an invalid model: {e}") from e
 

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from ferry.planner.errors import PlannerError
+from ferry.shapes import ModelShape, ShapeError, hf, shape_from_gguf, shape_from_hf_config
+from ferry.shapes.gguf import gguf_value
 
 GIB = 1024**3
 
@@ -173,22 +175,13 @@ class ApiPrice:
                 raise PlannerError(f"api price {name} must be a non-negative number, got {value!r}")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A decoder-only transformer with a gated MLP (Llama, Qwen2, Mistral, Mixtral, Gemma 2, Phi-3, ...)."""
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec(ModelShape):
+    """A decoder-only transformer with a gated MLP (Llama, Qwen2, Mistral, Mixtral, Gemma 2, Phi-3, ...):
+    its shape (``ferry.shapes.ModelShape``) plus experts, provenance, published counts and API price."""
 
     name: str
     architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
     num_local_experts: int = 1
     num_experts_per_tok: int = 1
     moe_intermediate_size: int | None = None  # None: intermediate_size
@@ -204,25 +197,20 @@ class ModelSpec:
     file_type: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings", "num_local_experts",
-                     "num_experts_per_tok"):
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise PlannerError(f"model {self.name!r}: {e}") from e
+        for name in ("num_local_experts", "num_experts_per_tok"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PlannerError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise PlannerError(f"model {self.name!r}: num_attention_heads must be a multiple of "
-                               "num_key_value_heads")
         if self.num_experts_per_tok > self.num_local_experts:
             raise PlannerError(f"model {self.name!r}: num_experts_per_tok exceeds num_local_experts")
 
     @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 1
-
-    def kv_bytes_per_token(self, dtype_bytes: float) -> float:
-        """K and V for one token across all layers: layers x kv_heads x head_dim x 2 x dtype bytes."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
     # NOTE: counts follow the Hugging Face module layout: q/k/v/o projections, a gated MLP
     # (gate, up, down) per expert, two RMSNorms per layer, a final norm, and an LM head unless tied.
@@ -271,6 +259,8 @@ def load_models() -> dict[str, ModelSpec]:
     for name, entry in _read_data("models.yaml").items():
         entry = dict(entry)
         entry.pop("aliases", None)
+        # NOTE: the catalogue lists head_dim as config.json does; ModelShape stores it as an override.
+        entry["head_dim_override"] = entry.pop("head_dim", None)
         pub = entry.pop("published_params", None)
         pub_active = entry.pop("published_active_params", None)
         api = entry.pop("api_price", None)
@@ -327,33 +317,23 @@ def model_from_hf_config(path: Path) -> ModelSpec:
 
 
 def model_from_hf_dict(data: dict[str, Any], name: str, source: str = "") -> ModelSpec:
-    """Read the architecture from a Hugging Face config dict (multimodal configs: their ``text_config``)."""
-    cfg = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
-    model_type = str(cfg.get("model_type", data.get("model_type", "")))
-    archs = data.get("architectures") or [model_type or "unknown"]
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if not isinstance(cfg.get(k), int)]
-    if missing:
-        raise PlannerError(f"config {source or name!r} lacks integer {', '.join(missing)}; "
-                           "ferry plan reads decoder-only transformer configs (Llama-style)")
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    """Read the architecture from a Hugging Face config dict (multimodal configs: their ``text_config``).
+
+    The shape follows ``ferry.shapes.shape_from_hf_config``, exactly as the engine's loader reads it.
+    """
+    cfg = hf.text_config(data)
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
-    tied_default = model_type.startswith("gemma")
     try:
-        return ModelSpec(
-            name=name, architecture=str(archs[0]), vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=int(head_dim),
-            max_position_embeddings=int(cfg.get("max_position_embeddings") or cfg.get("seq_length") or 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", data.get("tie_word_embeddings", tied_default))),
-            attention_bias=bool(cfg.get("attention_bias", model_type.startswith("qwen2"))),
+        return shape_from_hf_config(
+            data, ModelSpec, name=name, architecture=hf.architecture(data) or hf.model_type(data) or "unknown",
             num_local_experts=int(experts), num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 1)
             if experts > 1 else 1,
             moe_intermediate_size=cfg.get("moe_intermediate_size"),
             shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
             source=source)
+    except ShapeError as e:
+        raise PlannerError(f"config {source or name!r} {e}; "
+                           "ferry plan reads decoder-only transformer configs (Llama-style)") from e
     except TypeError as e:  # NOTE: a value of the wrong type (a list for a size, ...)
         raise PlannerError(f"config {source or name!r}: {e}") from e
 
@@ -381,48 +361,30 @@ def _model_from_gguf(path: str, mtime_ns: int, size: int) -> ModelSpec:
         reader = GGUFReader(str(path))
     except (OSError, ValueError) as e:
         raise PlannerError(f"cannot read GGUF file {str(path)!r}: {e}") from e
-
-    def meta(key: str, default: Any = None) -> Any:
-        f = reader.get_field(key)
-        return default if f is None else f.contents()
-
-    arch = meta("general.architecture")
+    # NOTE: the token list is by far the largest array and the shape does not need it (the vocab size
+    # comes from token_embd.weight), so it is never converted.
+    metadata = {key: f.contents() for key, f in reader.fields.items() if not key.startswith("tokenizer.")}
+    arch = metadata.get("general.architecture")
     if not arch:
         raise PlannerError(f"GGUF file {str(path)!r} has no general.architecture")
-
-    def need(key: str) -> int:
-        value = meta(f"{arch}.{key}")
-        if value is None:
-            raise PlannerError(f"GGUF file {str(path)!r} lacks {arch}.{key}")
-        return int(value)
-
-    hidden, heads = need("embedding_length"), need("attention.head_count")
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    vocab = meta(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
-    if not vocab:
-        raise PlannerError(f"GGUF file {str(path)!r} has neither {arch}.vocab_size nor a token list")
-    experts = int(meta(f"{arch}.expert_count", 0) or 1)
-    used = int(meta(f"{arch}.expert_used_count", 0) or 1) if experts > 1 else 1
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     total = sum(int(t.n_elements) for t in reader.tensors)
-    expert_elems = sum(int(t.n_elements) for t in reader.tensors if "_exps" in t.name)
-    active = total - expert_elems * (experts - used) // experts if experts > 1 else total
-    base = meta("general.basename") or meta("general.name") or Path(path).stem
-    size = meta("general.size_label")
-    ftype = meta("general.file_type")
-    return ModelSpec(
-        name=f"{base}-{size}" if size else str(base), architecture=str(arch), vocab_size=int(vocab),
-        hidden_size=hidden, intermediate_size=need("feed_forward_length"),
-        num_hidden_layers=need("block_count"), num_attention_heads=heads,
-        num_key_value_heads=int(meta(f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(meta(f"{arch}.attention.key_length", 0) or hidden // heads),
-        max_position_embeddings=need("context_length"),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        num_local_experts=experts, num_experts_per_tok=used,
-        source=str(path), file_params=total, file_active_params=active,
-        file_weight_bytes=sum(int(t.n_bytes) for t in reader.tensors),
-        file_type=_GGUF_FILE_TYPES.get(int(ftype)) if ftype is not None else None)
+    base = metadata.get("general.basename") or metadata.get("general.name") or Path(path).stem
+    size_label = metadata.get("general.size_label")
+    ftype = metadata.get("general.file_type")
+    try:
+        experts = int(gguf_value(metadata, "expert_count", 0) or 1)
+        used = int(gguf_value(metadata, "expert_used_count", 0) or 1) if experts > 1 else 1
+        expert_elems = sum(int(t.n_elements) for t in reader.tensors if "_exps" in t.name)
+        return shape_from_gguf(
+            metadata, tensors, ModelSpec, name=f"{base}-{size_label}" if size_label else str(base),
+            architecture=str(arch), num_local_experts=experts, num_experts_per_tok=used,
+            source=str(path), file_params=total,
+            file_active_params=total - expert_elems * (experts - used) // experts if experts > 1 else total,
+            file_weight_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+            file_type=_GGUF_FILE_TYPES.get(int(ftype)) if ftype is not None else None)
+    except ShapeError as e:
+        raise PlannerError(f"GGUF file {str(path)!r} {e}") from e
 
 
 # ---- helpers ------------------------------------------------------------------------------------

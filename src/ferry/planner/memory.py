@@ -12,30 +12,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ferry.planner.catalog import GIB, DtypeSpec, GpuSpec, ModelSpec
 from ferry.planner.errors import PlannerError
+from ferry.shapes import ModelShape, kv_cache_blocks
 
 
-class HasKvBytes(Protocol):
-    """``ferry.config.ArchConfig`` and ``ModelSpec`` both answer this."""
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int | float: ...
-
-
-def kv_token_capacity(arch_or_model: HasKvBytes, kv_cache_memory: int, block_size: int = 16,
+def kv_token_capacity(shape: ModelShape, kv_cache_memory: int, block_size: int = 16,
                       kv_dtype_bytes: int = 4) -> int:
     """KV tokens a pool of ``kv_cache_memory`` bytes holds: whole blocks only, exactly as the engine sizes it.
 
-    ``num_blocks = kv_cache_memory // (block_size * kv_bytes_per_token)``; tokens = blocks x block_size.
+    ``num_blocks = kv_cache_blocks(kv_cache_memory, block_size, kv_bytes_per_token)`` (``ferry.shapes``, the
+    engine's formula); tokens = blocks x block_size. ``shape``: an engine ``ArchConfig`` or a ``ModelSpec``.
     """
     if kv_cache_memory < 0:
         raise PlannerError(f"kv_cache_memory must be >= 0, got {kv_cache_memory}")
     if block_size <= 0:
         raise PlannerError(f"block_size must be positive, got {block_size}")
-    block_bytes = block_size * arch_or_model.kv_bytes_per_token(kv_dtype_bytes)
-    return int(kv_cache_memory // block_bytes) * block_size
+    return kv_cache_blocks(kv_cache_memory, block_size, shape.kv_bytes_per_token(kv_dtype_bytes)) * block_size
 
 
 def weight_bytes(model: ModelSpec, dtype: DtypeSpec) -> float:
@@ -126,17 +121,14 @@ def plan_memory(model: ModelSpec, gpu: GpuSpec, dtype: DtypeSpec, kv_dtype: Dtyp
         if pp > model.num_hidden_layers:
             break
         for tp in _tp_degrees(model, gpu):
-            # NOTE: KV heads are split over tp, or replicated when tp exceeds them; layers over pp.
-            kv_heads = math.ceil(model.num_key_value_heads / tp)
-            layers = math.ceil(model.num_hidden_layers / pp)
-            kv_per_token_gpu = 2 * layers * kv_heads * model.head_dim * kv_dtype.bytes
             act = activation_bytes(model, tp, compute_bytes, max_num_batched_tokens, max_num_seqs)
             free = usable - weights / (tp * pp) - overhead - act
             pool = free if kv_cache_memory is None else float(kv_cache_memory)
             if pool > free or pool <= 0:
                 continue
-            blocks = int(pool // (block_size * kv_per_token_gpu))
-            tokens = blocks * block_size
+            # NOTE: each GPU holds its share of the KV heads (split over tp) and of the layers (over pp).
+            kv_per_token_gpu = model.kv_bytes_per_token(kv_dtype.bytes, tp=tp, pp=pp)
+            tokens = kv_cache_blocks(pool, block_size, kv_per_token_gpu) * block_size
             if tokens < need_tokens:
                 continue
             return MemoryPlan(

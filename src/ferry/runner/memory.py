@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ferry.config import ArchConfig, CacheConfig
+from ferry.shapes import kv_cache_blocks
 
 GiB = 1 << 30
 # NOTE: on CPU the KV pool shares RAM with everything else, so the default takes a modest share of
@@ -35,13 +36,13 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 def num_kv_blocks(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
                   device: torch.device) -> int:
-    """Blocks that fit in the budget: budget // (block_size x KV bytes per token)."""
+    """Blocks that fit in the budget: ``kv_cache_blocks``, budget // (block_size x KV bytes per token)."""
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     budget = cache.kv_cache_memory or default_kv_cache_memory(device)
-    per_block = cache.block_size * arch.kv_bytes_per_token(dtype_bytes(dtype))
-    blocks = budget // per_block
+    per_token = arch.kv_bytes_per_token(dtype_bytes(dtype))
+    blocks = kv_cache_blocks(budget, cache.block_size, per_token)
     if blocks < 1:
         raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block "
-                         f"({per_block} bytes); raise --kv-cache-memory")
+                         f"({cache.block_size * per_token} bytes); raise --kv-cache-memory")
     return blocks

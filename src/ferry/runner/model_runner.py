@@ -1,7 +1,8 @@
 """SchedulerOutput -> tensors -> one forward over the whole batch -> sampled tokens.
 
 Owns the model, the KV tensors and the sampler. Rows of the flat batch are ordered decodes first
-(one token each, batched attention), then prefill chunks (one attention call each).
+(one token each, batched attention), then prefill chunks (one attention call each). Block tables
+come with each ``ScheduledRequest``: the runner never asks the KV cache manager.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from types import ModuleType
 import torch
 
 from ferry.config import ArchConfig, CacheConfig, ModelConfig
-from ferry.engine.request import Request
-from ferry.engine.scheduler import (
+from ferry.batch.outputs import (
     ModelRunnerOutput,
     SampledToken,
     ScheduledRequest,
     SchedulerOutput,
 )
+from ferry.batch.request import Request
 from ferry.kernels.build import KernelUnavailableError, load_cpu_kernels
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
 from ferry.model.llama import KVCache, Weight
@@ -47,14 +48,11 @@ def resolve_device(name: str) -> torch.device:
 
 class ModelRunner:
     def __init__(self, arch: ArchConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                 weights: WeightSource, block_table_lookup: Callable[[str], list[int]]) -> None:
-        """``block_table_lookup(request_id)`` gives a request's block ids (the KV cache
-        manager's ``block_ids``)."""
+                 weights: WeightSource) -> None:
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = _DTYPES[model_config.dtype]
         self.block_size = cache_config.block_size
-        self._block_ids = block_table_lookup
         # NOTE: built on the meta device and cast there, so the weights are materialized once,
         # directly in the target dtype on the target device (no float32 copy on the GPU).
         with torch.device("meta"):
@@ -154,7 +152,7 @@ class ModelRunner:
         for s in order:
             req = s.request
             start, n = s.start, s.num_new_tokens
-            blocks = self._block_ids(req.request_id)
+            blocks = s.block_ids
             row = len(ids)
             ids.extend(req.token_ids(start, start + n))
             pos.extend(range(start, start + n))

@@ -1,4 +1,5 @@
-"""The scheduler's only view of the KV cache: ``get_computed_blocks``, ``allocate_slots``, ``free``."""
+"""The scheduler's only view of the KV cache: ``get_computed_blocks``, ``allocate_slots``, ``free``,
+and ``block_ids`` to hand a scheduled request's block table to the runner."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from ferry.engine.kv_cache.block_pool import BlockPool, KVBlock
 from ferry.engine.kv_cache.hashing import extend_block_hashes
-from ferry.engine.request import Request
+from ferry.batch.request import Request
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class KVCacheManager:
         return PrefixCacheStats(self._queries, self._hits)
 
     def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table, as a new list the caller owns (empty when it holds none)."""
         return [b.block_id for b in self._req_blocks.get(request_id, ())]
 
     def num_blocks_needed(self, num_tokens: int) -> int:

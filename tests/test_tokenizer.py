@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ferry.engine.tokenizer import Tokenizer
 from ferry.loader.gguf import open_gguf, read_metadata
+from ferry.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",
@@ -146,7 +146,7 @@ def test_folder_without_tokenizer_json(tmp_path: Path) -> None:
 
 
 def _tiny_metadata(**extra: Any) -> dict[str, Any]:
-    from ferry.engine.tokenizer import _bytes_to_unicode
+    from ferry.tokenizer import _bytes_to_unicode
 
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + ["Ġt", "he", "Ġthe", "<s>", "</s>", "<think>", "Ġthe"]
