@@ -10,7 +10,7 @@ from ferry.gateway.backends import make_backend
 from ferry.gateway.backends.base import LoadSignals
 from ferry.gateway.backends.ferry import parse_load
 from ferry.gateway.config import parse_config
-from ferry.gateway.health import CircuitBreaker
+from ferry.gateway.circuit import CircuitBreaker
 from ferry.gateway.routing import NoRoute, Router, make_policy
 
 

@@ -13,10 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ferry.gateway.admin import admin_router
 from ferry.gateway.config import GatewayConfig
-from ferry.gateway.errors import error_response
-from ferry.gateway.proxy import InferenceHandler, bearer
+from ferry.gateway.proxy import InferenceHandler
+from ferry.gateway.stages import Rejection, authenticate
 from ferry.gateway.state import Gateway
-from ferry.server.errors import install_error_handlers
+from ferry.openai_errors import install_error_handlers
 
 
 def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, instance: str | None = None,
@@ -49,13 +49,10 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        secret = bearer(request)
-        key = None
-        if not gw.is_master(secret):
-            key = await gw.db(gw.keys.lookup, secret) if secret else None
-            if key is None:
-                return error_response(401, "Incorrect or missing API key.", "invalid_request_error",
-                                      "invalid_api_key")
+        caller = await authenticate(gw, request)
+        if isinstance(caller, Rejection):
+            return caller.error.response()  # NOTE: listing models is not a request: no ledger row, no metric
+        key = caller.key
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "ferry-gateway"}
                 for m in config.models if key is None or key.allows(m.name)]
         return JSONResponse({"object": "list", "data": data})

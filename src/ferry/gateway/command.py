@@ -52,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: OK")
         return 1 if missing else 0
     if args.action == "usage":
-        from ferry.gateway.admin import parse_since
+        # NOTE: imported here, as the app below is: `check` must answer without loading SQLAlchemy,
+        # and neither `check` nor `usage` should pay for FastAPI and uvicorn (about 10x the start-up).
         from ferry.gateway.db import make_engine
-        from ferry.gateway.ledger import GROUP_BY, Ledger, format_usage
+        from ferry.gateway.ledger import GROUP_BY, Ledger, format_usage, parse_since
 
         if args.group_by not in GROUP_BY:
             print(f"error: --group-by must be one of {', '.join(GROUP_BY)}", file=sys.stderr)

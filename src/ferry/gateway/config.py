@@ -124,8 +124,11 @@ class DeploymentConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """A public model name clients ask for, and where it may be served."""
+class ModelRoute:
+    """A public model name clients ask for (one ``models[]`` entry), and the deployments that may serve it.
+
+    NOTE: not ``ModelConfig``: that is the engine's (``ferry.config``), which says how to load weights.
+    """
 
     name: str
     deployments: tuple[DeploymentConfig, ...]
@@ -245,7 +248,7 @@ _DEFAULT_DATA_CLASSES = (
 @dataclass(frozen=True)
 class GatewayConfig:
     backends: tuple[BackendConfig, ...]
-    models: tuple[ModelConfig, ...]
+    models: tuple[ModelRoute, ...]
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     data_classes: tuple[DataClassConfig, ...] = _DEFAULT_DATA_CLASSES
     default_data_class: str = "public"
@@ -289,7 +292,7 @@ class GatewayConfig:
     def backend(self, name: str) -> BackendConfig:
         return next(b for b in self.backends if b.name == name)
 
-    def model(self, name: str) -> ModelConfig | None:
+    def model(self, name: str) -> ModelRoute | None:
         return next((m for m in self.models if m.name == name), None)
 
     def data_class(self, name: str) -> DataClassConfig | None:
@@ -359,7 +362,7 @@ def parse_config(data: Any) -> GatewayConfig:
             d = _fields(_mapping(draw, dpath), dpath, ("backend", "model", "input_per_mtok", "output_per_mtok"),
                         required=("backend", "model"))
             deps.append(DeploymentConfig(**d, path=dpath))
-        models.append(ModelConfig(name=m["name"], deployments=tuple(deps), path=path))
+        models.append(ModelRoute(name=m["name"], deployments=tuple(deps), path=path))
     kwargs: dict[str, Any] = {"backends": tuple(backends), "models": tuple(models)}
     if "routing" in top:
         r = _fields(_mapping(top.pop("routing"), "routing"), "routing",

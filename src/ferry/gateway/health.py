@@ -1,88 +1,19 @@
-"""Circuit breakers and the background loops that check health and scrape load signals.
+"""The background loops that check backends' health and scrape their load signals.
 
-    closed --N consecutive failures--> open --cooldown passed and a health check succeeds--> half-open
-                                        ^  |                                                      |
-                                        +--+ a failed health check re-arms the cooldown           |
-                                        ^                                                         |
-                                        +------------- one request failure -----------------------+
-    half-open --a request succeeds--> closed
-
-Health checks never reset a closed circuit's failure count: only a successful request does.
+Each result goes to the backend's circuit breaker (``circuit.py``, where the state diagram is); a
+backend coming back wakes requests queued in the router (``on_change``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+from ferry.gateway.backends import Backend, UpstreamError
 from ferry.gateway.config import HealthConfig
 
-if TYPE_CHECKING:
-    from ferry.gateway.backends.base import Backend
-
 log = logging.getLogger("ferry.gateway")
-
-
-class CircuitBreaker:
-    """Request failures and health-check failures are counted apart: a backend whose ``/models``
-    answers while its completions fail must still go out, and a flaky health check must not be
-    forgiven by a successful request."""
-
-    def __init__(self, failure_threshold: int, cooldown: float) -> None:
-        self.failure_threshold = failure_threshold
-        self.cooldown = cooldown
-        self.failures = 0  # consecutive request failures
-        self.health_failures = 0  # consecutive failed health checks
-        self.opened_at: float | None = None
-        self.half_open = False
-
-    @property
-    def is_open(self) -> bool:
-        return self.opened_at is not None
-
-    def allows(self) -> bool:
-        return self.opened_at is None
-
-    def _open(self, now: float | None) -> bool:
-        self.opened_at = time.monotonic() if now is None else now
-        self.half_open = False
-        return True
-
-    def record_failure(self, now: float | None = None) -> bool:
-        """A request failed; returns True when this opened (or re-armed) the circuit."""
-        self.failures += 1
-        if self.opened_at is not None or self.half_open or self.failures >= self.failure_threshold:
-            return self._open(now)
-        return False
-
-    def record_success(self) -> None:
-        """A request succeeded: the failure streak is over and a half-open circuit closes for good."""
-        if self.opened_at is None:
-            self.failures = 0
-            self.half_open = False
-
-    def health_failed(self, now: float | None = None) -> bool:
-        """A health check failed; returns True when this opened (or re-armed) the circuit."""
-        self.health_failures += 1
-        if self.opened_at is not None or self.health_failures >= self.failure_threshold:
-            return self._open(now)
-        return False
-
-    def health_ok(self, now: float | None = None) -> bool:
-        """A health check passed; returns True when it moved an open circuit to half-open."""
-        now = time.monotonic() if now is None else now
-        self.health_failures = 0
-        if self.opened_at is None or now - self.opened_at < self.cooldown:
-            return False
-        # NOTE: half-open: a health check cannot prove that inference works, so the first request
-        # failure after coming back opens the circuit again at once.
-        self.opened_at = None
-        self.failures = 0
-        self.half_open = True
-        return True
 
 
 class HealthMonitor:
@@ -118,8 +49,6 @@ class HealthMonitor:
         await asyncio.gather(*(self._scrape(b) for b in self._backends if b.config.scrape_url))
 
     async def _check(self, backend: Backend) -> None:
-        from ferry.gateway.backends.base import UpstreamError
-
         try:
             await backend.check_health()
         except UpstreamError as e:
@@ -131,8 +60,6 @@ class HealthMonitor:
             self._on_change()
 
     async def _scrape(self, backend: Backend) -> None:
-        from ferry.gateway.backends.base import UpstreamError
-
         try:
             await backend.scrape()
         except UpstreamError as e:

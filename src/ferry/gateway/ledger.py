@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Engine, case, func, insert, select, update
@@ -17,7 +18,48 @@ def cost_usd(prompt_tokens: int, completion_tokens: int, input_per_mtok: float, 
     return (prompt_tokens * input_per_mtok + completion_tokens * output_per_mtok) / 1e6
 
 
-@dataclass
+def parse_since(value: str | None) -> float | None:
+    """Unix seconds or an ISO-8601 time (UTC when it names no zone)."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise ValueError(f"since: expected unix seconds or an ISO-8601 time, got {value!r}") from e
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """Who asked for what, as far as the gateway got: a refused request's whole row, or an admitted
+    one's first columns (``Limits.admit`` adds the reservation, ``Outcome`` the rest when it ends).
+
+    Columns left at their defaults are written as such (``NULL``, ``False``), exactly as the
+    database's own defaults would be.
+    """
+
+    key_id: str | None = None
+    key_name: str | None = None
+    team: str | None = None
+    model: str | None = None  # the public model name
+    stream: bool = False
+    data_class: str | None = None
+    pii: bool = False
+    pii_kinds: str | None = None  # comma-separated detector names
+    status: int = 0  # HTTP status sent to the client; 0 while in flight
+    reason: str | None = None
+
+    def columns(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How a request ended; written over its pending row."""
 
@@ -40,12 +82,11 @@ class Ledger:
         self._engine = engine
         self._instance = instance
 
-    def record(self, **row: Any) -> int:
+    def record(self, row: LedgerRow) -> int:
         """Insert a finished row (a request refused before it was admitted)."""
-        row.setdefault("ts", time.time())
-        row.setdefault("instance", self._instance)
+        values = {"ts": time.time(), "instance": self._instance, **row.columns()}
         with self._engine.begin() as conn:
-            return int(conn.execute(insert(ledger_table).values(**row)).inserted_primary_key[0])
+            return int(conn.execute(insert(ledger_table).values(**values)).inserted_primary_key[0])
 
     def close(self, row_id: int, outcome: Outcome) -> None:
         values = {k: v for k, v in vars(outcome).items()}

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 
-from ferry.gateway.config import GatewayConfig, ModelConfig
+from ferry.gateway.config import GatewayConfig, ModelRoute
 from ferry.gateway.db import keys_table, ledger_table
 from ferry.gateway.keys import KeyRecord
-from ferry.gateway.ledger import cost_usd
+from ferry.gateway.ledger import LedgerRow, cost_usd
 
 WINDOW_S = 60.0
 CHARS_PER_TOKEN = 4  # NOTE: a tokenizer-free estimate; English text averages about 4 characters a token
@@ -74,7 +74,7 @@ def estimate(body: dict[str, Any], endpoint: str, input_per_mtok: float, output_
     return Estimate(prompt, completion, cost_usd(prompt, completion, input_per_mtok, output_per_mtok))
 
 
-def dearest_prices(config: GatewayConfig, route: ModelConfig, locations: tuple[str, ...]) -> tuple[float, float]:
+def dearest_prices(config: GatewayConfig, route: ModelRoute, locations: tuple[str, ...]) -> tuple[float, float]:
     """The highest input and output prices among the route's deployments in ``locations``."""
     prices = [(d.input_per_mtok if d.input_per_mtok is not None else b.input_per_mtok,
                d.output_per_mtok if d.output_per_mtok is not None else b.output_per_mtok)
@@ -102,12 +102,13 @@ class Limits:
         self._team_budgets = team_budgets
         self._postgres = engine.dialect.name == "postgresql"
 
-    def admit(self, key: KeyRecord | None, row: dict[str, Any], reserve: Estimate = Estimate(),
+    def admit(self, key: KeyRecord | None, row: LedgerRow, reserve: Estimate = Estimate(),
               now: float | None = None) -> Admission | Refusal:
-        """Check the key's limits and, in the same transaction, insert the request's ledger row,
-        holding ``reserve`` until ``Ledger.close`` settles it."""
+        """Check the key's limits and, in the same transaction, insert the request's ledger row
+        (``row`` with its status and reason set here), holding ``reserve`` until ``Ledger.close``
+        settles it."""
         now = time.time() if now is None else now
-        base = {"ts": now, "instance": self._instance, **row}
+        base = {"ts": now, "instance": self._instance}
         t = ledger_table.c
         with self._engine.begin() as conn:
             refusal: tuple[str, str, int | None] | None = None
@@ -151,10 +152,12 @@ class Limits:
                                                   f"${spent:.6f} of its ${team_budget:g} budget", None)
             if refusal is not None:
                 reason, message, retry = refusal
+                refused = replace(row, status=429, reason=f"{reason}: {message}")
                 row_id = conn.execute(insert(ledger_table).values(
-                    **base, admitted=False, status=429, reason=f"{reason}: {message}")).inserted_primary_key[0]
+                    **base, **refused.columns(), admitted=False)).inserted_primary_key[0]
                 return Refusal(reason, message, retry, int(row_id))
+            pending = replace(row, status=0, reason=None)
             row_id = conn.execute(insert(ledger_table).values(
-                **base, admitted=True, status=0, prompt_tokens=reserve.prompt_tokens,
+                **base, **pending.columns(), admitted=True, prompt_tokens=reserve.prompt_tokens,
                 completion_tokens=reserve.completion_tokens, cost_usd=reserve.cost_usd)).inserted_primary_key[0]
             return Admission(int(row_id))

@@ -1,6 +1,6 @@
 """One inference request through the gateway:
 
-    key -> model allowed? -> data class (key default, header, PII) -> RPM/TPM/budget admission
+    stages (key -> body -> model allowed? -> data class -> RPM/TPM/budget admission; stages.py)
         -> reserve a deployment (policy, overflow, queue) -> upstream -> failover before the first token
         -> stream through -> ledger row + metrics
 
@@ -12,55 +12,48 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 import httpx
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from ferry.disconnect import ClientDisconnected, race_disconnect
-from ferry.gateway.backends.base import UpstreamError
-from ferry.gateway.data_class import HEADER, DataClassDecision, UnknownDataClass
-from ferry.gateway.errors import error_response
-from ferry.gateway.keys import KeyRecord
+from ferry.gateway.backends import UpstreamError
+from ferry.gateway.config import ModelRoute
+from ferry.gateway.data_class import DataClassDecision
 from ferry.gateway.ledger import Outcome, cost_usd
-from ferry.gateway.limits import Refusal, dearest_prices, estimate
 from ferry.gateway.routing import NoRoute
 from ferry.gateway.routing.router import Reservation
+from ferry.gateway.stages import Refused, run_stages
 from ferry.gateway.state import Gateway
+from ferry.openai_errors import OpenAIError
+from ferry.sse import DONE, SSEError, SSEResponse, aiter_sse_data, sse_event
 
 log = logging.getLogger("ferry.gateway")
-T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever written to the ledger
-
-
-def bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
 
 
 @dataclass
 class _Context:
+    """One admitted request's attempts; ``finish`` closes its ledger row and counts its metrics."""
+
     gw: Gateway
-    key: KeyRecord | None
-    model: str
-    stream: bool
     decision: DataClassDecision
+    stream: bool
     row_id: int
     t0: float  # monotonic start
     attempts: int = 0
     failures: list[str] = field(default_factory=list)
 
     async def finish(self, outcome: Outcome) -> None:
-        outcome.attempts = self.attempts
-        outcome.latency_s = time.monotonic() - self.t0
-        if outcome.reason is None and self.failures:
-            outcome.reason = "failed over: " + " | ".join(self.failures)
+        reason = outcome.reason
+        if reason is None and self.failures:
+            reason = "failed over: " + " | ".join(self.failures)
+        outcome = replace(outcome, attempts=self.attempts, latency_s=time.monotonic() - self.t0, reason=reason)
         m = self.gw.metrics
         m.requests.labels(outcome.backend or "", outcome.location or "", self.decision.name,
                           str(outcome.status)).inc()
@@ -86,6 +79,10 @@ def _usage(obj: Any) -> tuple[int, int] | None:
     return int(p), int(c)
 
 
+def _is_error_event(event: Any) -> bool:
+    return isinstance(event, dict) and "error" in event and not event.get("choices")
+
+
 def _carries_token(event: dict[str, Any]) -> bool:
     """Whether a stream chunk shows the client anything of the answer (text, a tool call, an end)."""
     for choice in event.get("choices") or ():
@@ -99,13 +96,31 @@ def _carries_token(event: dict[str, Any]) -> bool:
     return False
 
 
+def _event(payload: str) -> Any:
+    """A data payload's JSON; None for ``[DONE]`` and for what is not JSON."""
+    if payload == DONE:
+        return None
+    try:
+        return json.loads(payload)
+    except json.JSONDecodeError:
+        return None
+
+
+async def _aclose(events: AsyncIterator[str]) -> None:
+    # NOTE: ``aiter_sse_data`` is typed as an iterator; it is a generator, whose ``finally`` should
+    # run now rather than when the garbage collector finds it.
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 @dataclass
 class _Stream:
     """An upstream stream that has produced its first token (or ended) and has not reached the client."""
 
     response: httpx.Response
-    lines: AsyncIterator[str]
-    buffered: list[str]  # SSE data payloads read so far
+    events: AsyncIterator[str]  # its data payloads, continued where the first token was read
+    buffered: list[str]  # payloads read so far
     usage: tuple[int, int] | None
     done: bool
 
@@ -116,35 +131,37 @@ async def _open_stream(backend_name: str, resp: httpx.Response) -> _Stream:
     On any way out but success (failure, timeout, the client gone) the upstream response is closed,
     so the upstream stops generating at once instead of when the garbage collector finds it.
     """
+    events = aiter_sse_data(resp)
     try:
-        return await _read_first_token(backend_name, resp)
+        return await _read_first_token(backend_name, resp, events)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await resp.aclose()
+            try:
+                await _aclose(events)
+            finally:
+                await resp.aclose()
         raise
 
 
-async def _read_first_token(backend_name: str, resp: httpx.Response) -> _Stream:
-    lines = resp.aiter_lines()
+async def _read_first_token(backend_name: str, resp: httpx.Response, events: AsyncIterator[str]) -> _Stream:
     buffered: list[str] = []
     usage = None
     try:
-        async for line in lines:
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
+        async for payload in events:
             buffered.append(payload)
-            if payload == "[DONE]":
-                return _Stream(resp, lines, buffered, usage, True)
+            if payload == DONE:
+                return _Stream(resp, events, buffered, usage, True)
             try:
                 event = json.loads(payload)
             except json.JSONDecodeError as e:
                 raise UpstreamError(backend_name, "protocol", f"bad stream chunk: {payload[:100]!r}") from e
             usage = _usage(event) or usage
-            if isinstance(event, dict) and "error" in event and not event.get("choices"):
+            if _is_error_event(event):
                 raise UpstreamError(backend_name, "status", f"error event: {payload[:300]}")
             if isinstance(event, dict) and _carries_token(event):
-                return _Stream(resp, lines, buffered, usage, False)
+                return _Stream(resp, events, buffered, usage, False)
+    except SSEError as e:  # NOTE: before httpx.HTTPError, of which it is one
+        raise UpstreamError(backend_name, "protocol", f"not an event stream: {e}") from e
     except httpx.TimeoutException as e:
         raise UpstreamError(backend_name, "timeout", "no token before the timeout") from e
     except httpx.HTTPError as e:
@@ -152,99 +169,28 @@ async def _read_first_token(backend_name: str, resp: httpx.Response) -> _Stream:
     raise UpstreamError(backend_name, "protocol", "stream ended before any token")
 
 
-class _ClosingStreamingResponse(StreamingResponse):
-    """Always runs ``on_close``, whichever way the ASGI server reports a disconnect, even when the
-    client went away before the first chunk (a generator that never started has no ``finally`` to run)."""
+@dataclass
+class _StreamEnd:
+    """How a stream to the client ended, settled as it goes and written to the ledger once."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
-                 **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                await self._on_close()
+    usage: tuple[int, int] | None
+    status: int = CLIENT_CLOSED  # until the stream says otherwise, the client left
+    reason: str | None = "client disconnected mid-stream"
+    closed: bool = False
 
 
 class InferenceHandler:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
-    def _blocked(self, reason: str) -> None:
-        self.gw.metrics.blocked.labels(reason).inc()
-
     async def __call__(self, request: Request, endpoint: str) -> Response:
-        gw = self.gw
         t0 = time.monotonic()
-        secret = bearer(request)
-        key: KeyRecord | None = None
-        if not gw.is_master(secret):
-            key = await gw.db(gw.keys.lookup, secret) if secret else None
-            if key is None:
-                self._blocked("auth")
-                await gw.db(lambda: gw.ledger.record(status=401, reason="missing or invalid API key"))
-                return error_response(401, "Incorrect or missing API key.", "invalid_request_error",
-                                      "invalid_api_key")
+        admitted = await run_stages(self.gw, request, endpoint)
+        if isinstance(admitted, Refused):
+            return await self._reject(admitted)
+        ctx = _Context(self.gw, admitted.decision, admitted.stream, admitted.row_id, t0)
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
-        if not isinstance(body, dict):
-            self._blocked("bad_request")
-            await gw.db(lambda: gw.ledger.record(key_id=key.id if key else "master", key_name=key.name if key else
-                                                 "master", team=key.team if key else None, status=400,
-                                                 reason="body is not a JSON object"))
-            return error_response(400, "The body must be a JSON object.", "invalid_request_error")
-        if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-            self._blocked("bad_request")
-            await gw.db(lambda: gw.ledger.record(key_id=key.id if key else "master", key_name=key.name if key else
-                                                 "master", team=key.team if key else None, status=400,
-                                                 reason="stream_options is not an object"))
-            return error_response(400, "stream_options must be an object.", "invalid_request_error",
-                                  "invalid_value", "stream_options")
-        model = body.get("model")
-        base_row: dict[str, Any] = {"key_id": key.id if key else "master", "key_name": key.name if key else "master",
-                                    "team": key.team if key else None, "model": model if isinstance(model, str) else None,
-                                    "stream": bool(body.get("stream"))}
-        if not isinstance(model, str) or gw.config.model(model) is None:
-            self._blocked("model_not_found")
-            await gw.db(lambda: gw.ledger.record(**base_row, status=404, reason="unknown model"))
-            return error_response(404, f"The model {model!r} does not exist.", "invalid_request_error",
-                                  "model_not_found", "model")
-        route = gw.config.model(model)
-        assert route is not None
-        if key is not None and not key.allows(model):
-            self._blocked("model_not_allowed")
-            await gw.db(lambda: gw.ledger.record(**base_row, status=403, reason="model not allowed for key"))
-            return error_response(403, f"Key {key.name!r} may not use model {model!r}.", "permission_error",
-                                  "model_not_allowed", "model")
-        try:
-            decision = gw.data_classes.decide(key.data_class if key else None, request.headers.get(HEADER), body)
-        except UnknownDataClass as e:
-            self._blocked("bad_request")
-            reason = f"{HEADER}: {e}"
-            await gw.db(lambda: gw.ledger.record(**base_row, status=400, reason=reason))
-            return error_response(400, reason, "invalid_request_error", "unknown_data_class")
-        base_row.update(data_class=decision.name, pii=bool(decision.pii), pii_kinds=",".join(decision.pii) or None)
-        # NOTE: the backend is chosen after admission, so the reservation is priced at the dearest
-        # deployment this request's data class allows.
-        reserve = estimate(body, endpoint, *dearest_prices(gw.config, route, decision.locations))
-        admitted = await gw.db(gw.limits.admit, key, base_row, reserve)
-        if isinstance(admitted, Refusal):
-            self._blocked(admitted.reason)
-            if admitted.retry_after is not None:
-                return error_response(429, admitted.message, "rate_limit_error", "rate_limit_exceeded",
-                                      headers={"Retry-After": str(admitted.retry_after)})
-            return error_response(429, admitted.message, "insufficient_quota", "budget_exceeded")
-        ctx = _Context(gw, key, model, bool(body.get("stream")), decision, admitted.row_id, t0)
-        try:
-            return await race_disconnect(request, self._dispatch(ctx, route, body, endpoint))
+            return await race_disconnect(request, self._dispatch(ctx, admitted.route, admitted.body, endpoint))
         except ClientDisconnected:
             with anyio.CancelScope(shield=True):
                 await ctx.finish(Outcome(CLIENT_CLOSED, reason="client disconnected before the response"))
@@ -253,10 +199,19 @@ class InferenceHandler:
             log.exception("gateway failed request (ledger row %d)", ctx.row_id)
             with anyio.CancelScope(shield=True):
                 await ctx.finish(Outcome(500, reason=f"gateway error: {type(e).__name__}: {e}"))
-            return error_response(500, f"The gateway failed this request: {type(e).__name__}", "server_error",
-                                  "gateway_error")
+            return OpenAIError(500, f"The gateway failed this request: {type(e).__name__}",
+                               code="gateway_error").response()
 
-    async def _dispatch(self, ctx: _Context, route: Any, body: dict[str, Any], endpoint: str) -> Response:
+    async def _reject(self, refused: Refused) -> Response:
+        """The one place a request refused by a stage is counted, written to the ledger and answered."""
+        rejection = refused.rejection
+        self.gw.metrics.blocked.labels(rejection.blocked).inc()
+        if rejection.write_row:
+            row = replace(refused.row, status=rejection.error.status_code, reason=rejection.reason)
+            await self.gw.db(self.gw.ledger.record, row)
+        return rejection.error.response()
+
+    async def _dispatch(self, ctx: _Context, route: ModelRoute, body: dict[str, Any], endpoint: str) -> Response:
         gw = self.gw
         deadline = time.monotonic() + gw.config.routing.queue_timeout
         exclude: set[int] = set()
@@ -306,20 +261,23 @@ class InferenceHandler:
                 if not released:  # cancelled (client gone) while the reservation was held
                     gw.router.release(backend)
 
+    async def _unserved(self, ctx: _Context, blocked: str, error: OpenAIError, reason: str) -> Response:
+        """An admitted request no backend served: counted as blocked, its pending row closed."""
+        self.gw.metrics.blocked.labels(blocked).inc()
+        await ctx.finish(Outcome(error.status_code, reason=reason))
+        return error.response()
+
     async def _no_route(self, ctx: _Context, e: NoRoute) -> Response:
         if e.code == "exhausted" and ctx.failures:
             return await self._upstream_failed(ctx)
-        self._blocked(e.code)
         message = f"{e.reason} (data class {ctx.decision.name!r}" + (
             f", PII found: {', '.join(ctx.decision.pii)})" if ctx.decision.pii else ")")
-        await ctx.finish(Outcome(503, reason=f"{e.code}: {message}"))
-        return error_response(503, message, "service_unavailable", e.code)
+        return await self._unserved(ctx, e.code, OpenAIError(503, message, code=e.code), f"{e.code}: {message}")
 
     async def _upstream_failed(self, ctx: _Context) -> Response:
-        self._blocked("upstream_failed")
         message = "every attempt failed: " + " | ".join(ctx.failures)
-        await ctx.finish(Outcome(502, reason=message))
-        return error_response(502, message, "upstream_error", "upstream_failed")
+        return await self._unserved(ctx, "upstream_failed", OpenAIError(502, message, code="upstream_failed"),
+                                    message)
 
     def _headers(self, ctx: _Context, res: Reservation) -> dict[str, str]:
         return {"x-ferry-backend": res.candidate.backend.name, "x-ferry-location": res.candidate.location,
@@ -339,8 +297,8 @@ class InferenceHandler:
         try:
             raw = await resp.aread()
         except httpx.HTTPError as e:
-            raw = json.dumps({"error": {"message": f"upstream {backend.name}: {e}", "type": "upstream_error",
-                                        "param": None, "code": None}}).encode()
+            error = OpenAIError(resp.status_code, f"upstream {backend.name}: {e}", type="upstream_error")
+            raw = json.dumps(error.body()).encode()
         finally:
             await resp.aclose()
             self.gw.router.release(backend)
@@ -362,76 +320,61 @@ class InferenceHandler:
         backend = res.candidate.backend
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         ttft = time.monotonic() - ctx.t0
+        end = _StreamEnd(opened.usage)
 
-        def frame(payload: str) -> bytes | None:
-            """The bytes the client gets for one upstream event; None drops it."""
-            if not wants_usage and payload != "[DONE]":
-                # NOTE: we asked upstream for usage so the ledger is exact; a client that did not ask
-                # gets the stream it would have had without it.
-                try:
-                    event = json.loads(payload)
-                except json.JSONDecodeError:
-                    event = None
-                if isinstance(event, dict) and not event.get("choices") and event.get("usage"):
-                    return None
-            return f"data: {payload}\n\n".encode()
-
-        result: dict[str, Any] = {"status": CLIENT_CLOSED, "reason": "client disconnected mid-stream",
-                                  "usage": opened.usage, "closed": False}
+        def frame(payload: str, event: Any) -> str | None:
+            """What the client gets for one upstream event; None drops it."""
+            # NOTE: we asked upstream for usage so the ledger is exact; a client that did not ask
+            # gets the stream it would have had without it.
+            if not wants_usage and isinstance(event, dict) and not event.get("choices") and event.get("usage"):
+                return None
+            return sse_event(payload)
 
         async def close() -> None:
             """Idempotent: release the upstream and the reservation, write the ledger row."""
-            if result["closed"]:
+            if end.closed:
                 return
-            result["closed"] = True
-            await opened.response.aclose()
+            end.closed = True
+            try:
+                await _aclose(opened.events)
+            finally:
+                await opened.response.aclose()
             gw.router.release(backend)
-            await ctx.finish(self._outcome(res, result["status"], result["usage"], ttft_s=ttft,
-                                           reason=result["reason"]))
+            await ctx.finish(self._outcome(res, end.status, end.usage, ttft_s=ttft, reason=end.reason))
 
-        async def events() -> AsyncIterator[bytes]:
+        async def events() -> AsyncIterator[str]:
             error_event: str | None = None  # an upstream error event passed through mid-stream
             try:
                 for payload in opened.buffered:
-                    out = frame(payload)
-                    if out is not None:
+                    if (out := frame(payload, _event(payload))) is not None:
                         yield out
                 if not opened.done:
-                    async for line in opened.lines:
-                        if not line.startswith("data:"):
-                            continue
-                        payload = line[5:].strip()
-                        if payload != "[DONE]":
-                            try:
-                                event = json.loads(payload)
-                            except json.JSONDecodeError:
-                                event = None
-                            result["usage"] = _usage(event) or result["usage"]
-                            if isinstance(event, dict) and "error" in event and not event.get("choices"):
-                                error_event = error_event or payload
-                        out = frame(payload)
-                        if out is not None:
+                    async for payload in opened.events:
+                        event = _event(payload)
+                        end.usage = _usage(event) or end.usage
+                        if _is_error_event(event):
+                            error_event = error_event or payload
+                        if (out := frame(payload, event)) is not None:
                             yield out
                 if error_event is not None:
                     # NOTE: the client saw the error event, so it is not a 200 even though the stream ended cleanly.
-                    result["status"] = 502
-                    result["reason"] = f"upstream {backend.name} sent an error mid-stream: {error_event[:300]}"
+                    end.status = 502
+                    end.reason = f"upstream {backend.name} sent an error mid-stream: {error_event[:300]}"
                     backend.breaker.record_failure()
                 else:
-                    result["status"] = 200
-                    result["reason"] = None if result["usage"] else "upstream reported no usage"
+                    end.status = 200
+                    end.reason = None if end.usage else "upstream reported no usage"
                     backend.breaker.record_success()
             except httpx.HTTPError as e:
                 # NOTE: tokens already reached the client, so failing over would splice two answers.
-                result["status"] = 502
-                result["reason"] = f"upstream {backend.name} failed mid-stream: {e or type(e).__name__}"
+                end.status = 502
+                end.reason = f"upstream {backend.name} failed mid-stream: {e or type(e).__name__}"
                 backend.breaker.record_failure()
-                err = {"error": {"message": result["reason"], "type": "upstream_error", "param": None,
-                                 "code": "upstream_failed"}}
-                yield f"data: {json.dumps(err)}\n\n".encode()
+                error = OpenAIError(502, end.reason, code="upstream_failed")
+                # NOTE: serialized as before (json.dumps' default spacing), so the event's bytes stay the same.
+                yield sse_event(json.dumps(error.body()))
             finally:
                 with anyio.CancelScope(shield=True):
                     await close()
 
-        return _ClosingStreamingResponse(events(), close, media_type="text/event-stream",
-                                         headers={**self._headers(ctx, res), "Cache-Control": "no-cache"})
+        return SSEResponse(events(), on_close=close, headers=self._headers(ctx, res))

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from ferry.gateway.config import BackendConfig, HealthConfig
-from ferry.gateway.health import CircuitBreaker
+from ferry.gateway.circuit import CircuitBreaker
 
 
 class UpstreamError(Exception):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import anyio
 
 from ferry.gateway.backends.base import Backend
-from ferry.gateway.config import GatewayConfig, ModelConfig, OverflowConfig
+from ferry.gateway.config import GatewayConfig, ModelRoute, OverflowConfig
 from ferry.gateway.routing.base import Candidate, RoutingPolicy
 
 
@@ -62,7 +62,7 @@ class Router:
             return f"full ({backend.inflight}/{backend.config.max_concurrency} in flight)"
         return "saturated" if self.saturated(backend) else "available"
 
-    def try_reserve(self, model: ModelConfig, locations: tuple[str, ...], exclude: frozenset[int] = frozenset()
+    def try_reserve(self, model: ModelRoute, locations: tuple[str, ...], exclude: frozenset[int] = frozenset()
                     ) -> Reservation | NoRoute:
         allowed = [(i, d) for i, d in enumerate(model.deployments)
                    if self._backends[d.backend].location in locations]
@@ -88,7 +88,7 @@ class Router:
                                                      for _, d in allowed)
         return Reservation(best, overflow)
 
-    async def reserve(self, model: ModelConfig, locations: tuple[str, ...], deadline: float,
+    async def reserve(self, model: ModelRoute, locations: tuple[str, ...], deadline: float,
                       exclude: frozenset[int] = frozenset()) -> Reservation:
         """Reserve a deployment, waiting for one to free up or come back until ``deadline`` (monotonic)."""
         while True:
