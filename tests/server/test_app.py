@@ -19,7 +19,7 @@ from ferry.config import ServerConfig
 from ferry.server import build_app, get_state
 from ferry.server.logging import JsonFormatter
 from ferry.server.metrics import parse_prometheus, sample
-from ferry.server.streaming import parse_sse
+from ferry.sse import parse_sse
 
 from .conftest import FakeEngine, make_client
 

@@ -12,10 +12,11 @@ from pydantic import ValidationError
 from ferry.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ferry.server.admission import AdmissionController, AdmissionRejected, RequestTooLarge
 from ferry.server.command import add_arguments, configs_from_args, parse_bytes
-from ferry.server.errors import validation_error_to_openai
+from ferry.openai_errors import validation_error_to_openai
 from ferry.server.metrics import ServerMetrics, parse_prometheus, sample
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest
-from ferry.server.streaming import SSE_DONE, merge_streams, parse_sse, sse_event
+from ferry.server.stream_merge import merge_streams
+from ferry.sse import SSE_DONE, parse_sse, sse_event
 
 
 def _error(model: type, body: dict) -> dict:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from ferry.bench.workload import RequestSpec, TokenCounter
+from ferry.sse import DONE, SSEError, aiter_sse_data
 
 _ERROR_BODY_LIMIT = 2000
 
@@ -134,8 +136,8 @@ def _chunk_text(choice: dict[str, Any], endpoint: str) -> str:
 
 
 def _handle_event(st: _Stream, data: str, endpoint: str) -> str | None:
-    """Apply one SSE ``data:`` payload; returns an error message for an in-stream error object."""
-    if data == "[DONE]":
+    """Apply one SSE ``data`` payload; returns an error message for an in-stream error object."""
+    if data.strip() == DONE:
         st.done = True
         return None
     obj = json.loads(data)
@@ -189,15 +191,14 @@ async def _stream(client: httpx.AsyncClient, target: Target, body: dict[str, Any
                                  error_kind=BAD_RESPONSE,
                                  error=f"expected an SSE stream, got {content_type or 'no content-type'}: "
                                        f"{raw[:120].decode('utf-8', 'replace')}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # SSE comments, event names and blank separators
-            message = _handle_event(st, line[5:].strip(), target.endpoint)
-            if message is not None:
-                return RequestResult(ok=False, start=st.start, e2e=time.perf_counter() - st.start,
-                                     error_kind=STREAM_ERROR, error=message)
-            if st.done:
-                break
+        async with aclosing(aiter_sse_data(resp)) as payloads:
+            async for data in payloads:
+                message = _handle_event(st, data, target.endpoint)
+                if message is not None:
+                    return RequestResult(ok=False, start=st.start, e2e=time.perf_counter() - st.start,
+                                         error_kind=STREAM_ERROR, error=message)
+                if st.done:
+                    break
     return None
 
 
@@ -232,7 +233,8 @@ async def send_request(client: httpx.AsyncClient, target: Target, spec: RequestS
         if st.got_headers:
             return _failure(st, STREAM_CUT, f"the stream broke after {len(st.pieces)} text chunks ({detail})")
         return _failure(st, DISCONNECTED, f"the server closed the connection before answering ({detail})")
-    except ValueError as e:  # json.JSONDecodeError included
+    except (ValueError, SSEError) as e:  # json.JSONDecodeError included
+        # NOTE: SSEError is an httpx.HTTPError, so it must be caught before the catch-all below.
         return _failure(st, BAD_RESPONSE, f"not an OpenAI stream: {type(e).__name__}: {e}")
     except httpx.HTTPError as e:
         return _failure(st, type(e).__name__, str(e))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -24,6 +23,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+
+from ferry.openai_errors import error_body
+from ferry.sse import SSE_DONE, sse_event
 
 
 class Message(BaseModel):
@@ -149,9 +151,8 @@ class NaiveModel:
         return gen
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": None, "code": None}})
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(status, message))
 
 
 def _params(req: _Sampling, default_max: int) -> GenParams:
@@ -196,7 +197,7 @@ def create_app(model: NaiveModel, served_name: str | None = None) -> FastAPI:
             text = "".join([piece async for piece in _pieces(gen)])
             await asyncio.to_thread(gen.thread.join)
         if gen.error is not None:
-            return _error(500, f"generation failed: {gen.error}", "server_error")
+            return _error(500, f"generation failed: {gen.error}")
         usage_body = _usage(gen)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -212,7 +213,7 @@ def create_app(model: NaiveModel, served_name: str | None = None) -> FastAPI:
 
         def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
             body = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices, **(extra or {})}
-            return f"data: {json.dumps(body)}\n\n"
+            return sse_event(body)
 
         def choice(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
             if chat:
@@ -233,12 +234,12 @@ def create_app(model: NaiveModel, served_name: str | None = None) -> FastAPI:
                 gen.stop.set()  # NOTE: the client left (or we finished): stop generate() and free the lock
                 await asyncio.to_thread(gen.thread.join)
             if gen.error is not None:
-                yield f"data: {json.dumps({'error': {'message': f'generation failed: {gen.error}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                yield sse_event(error_body(500, f"generation failed: {gen.error}"))
                 return
             yield chunk([choice(None, gen.finish_reason)])
             if usage:
                 yield chunk([], {"usage": _usage(gen)})
-            yield "data: [DONE]\n\n"
+            yield SSE_DONE
 
     return app
 

@@ -47,7 +47,7 @@ def _gpus() -> list[str]:
 
 def machine_info() -> dict[str, Any]:
     """Where the load generator ran (the servers may be elsewhere)."""
-    from ferry import __version__
+    from ferry.version import __version__
 
     return {
         "hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),

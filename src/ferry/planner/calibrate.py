@@ -35,6 +35,7 @@ import numpy as np
 
 from ferry.planner.errors import PlannerError
 from ferry.planner.throughput import Efficiency, Replica, default_efficiency, prefill_flops, serving_point
+from ferry.sse import DONE, aiter_sse_data
 
 PROFILE_VERSION = 1
 _WORDS = ("the of and to in is was for on that with as by at from they this which be have are not had one all "
@@ -259,11 +260,8 @@ async def _one_request(client: Any, cfg: SweepConfig, model: str, deadline: floa
         if resp.status_code != 200:
             text = (await resp.aread()).decode(errors="replace")[:300]
             raise PlannerError(f"calibration request failed: HTTP {resp.status_code}: {text}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
+        async for payload in aiter_sse_data(resp):
+            if payload.strip() == DONE:
                 break
             chunk = json.loads(payload)
             if chunk.get("usage"):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
-from ferry.server.app import ServerState, build_app, get_state
+from ferry.server.app import build_app
+from ferry.server.state import ServerState, get_state
 
 __all__ = ["ServerState", "build_app", "get_state"]

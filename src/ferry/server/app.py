@@ -18,64 +18,25 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ferry.config import SchedulerConfig, ServerConfig
+from ferry.engine.async_engine import AsyncEngine
+from ferry.openai_errors import OpenAIError, install_error_handlers
 from ferry.server.admission import AdmissionController
-from ferry.server.errors import OpenAIError, install_error_handlers
 from ferry.server.logging import AccessLogMiddleware
-from ferry.server.metrics import ServerMetrics
-
-if TYPE_CHECKING:
-    from ferry.engine.async_engine import AsyncEngine
+from ferry.server.routes_admin import router as admin_router
+from ferry.server.routes_chat import router as chat_router
+from ferry.server.routes_completions import router as completions_router
+from ferry.server.routes_models import router as models_router
+from ferry.server.state import EngineLoader, ServerState
+from ferry.version import __version__
 
 logger = logging.getLogger(__name__)
-
-EngineLoader = Callable[[], "AsyncEngine"]
-
-
-@dataclass
-class ServerState:
-    """Everything the routes share. Mutated only on the event loop thread."""
-
-    config: ServerConfig
-    admission: AdmissionController
-    engine: AsyncEngine | None = None
-    metrics: ServerMetrics | None = None
-    served_model_name: str | None = None
-    load_error: str | None = None
-    draining: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
-    owns_engine: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None and not self.draining
-
-    def set_engine(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.served_model_name = self.config.served_model_name or engine.model_name
-        self.metrics = ServerMetrics(self.served_model_name, engine.max_model_len, engine.stats)
-
-    def require_engine(self) -> AsyncEngine:
-        if self.engine is None:
-            message = ("the model failed to load: " + self.load_error if self.load_error
-                       else "the model is still loading; retry shortly")
-            raise OpenAIError(503, message, code="model_not_ready", headers={"Retry-After": "1"})
-        return self.engine
-
-
-def get_state(app: Any) -> ServerState:
-    state = app.state.ferry
-    if not isinstance(state, ServerState):
-        raise RuntimeError("app.state.ferry is not a ServerState; build the app with build_app")
-    return state
 
 
 class GuardMiddleware:
@@ -188,10 +149,6 @@ def build_app(engine: AsyncEngine | EngineLoader, config: ServerConfig, *,
     ``max_num_seqs`` is the engine's batch size; admission lets ``max_num_seqs + config.max_queue``
     sequences in flight (see ``ferry.server.admission``).
     """
-    from ferry import __version__
-    from ferry.server.routes_admin import router as admin_router
-    from ferry.server.routes_openai import router as openai_router
-
     state = ServerState(config=config,
                         admission=AdmissionController(max_num_seqs=max_num_seqs,
                                                       max_queue=config.max_queue))
@@ -218,7 +175,8 @@ def build_app(engine: AsyncEngine | EngineLoader, config: ServerConfig, *,
                   redoc_url=None)
     app.state.ferry = state
     install_error_handlers(app)
-    app.include_router(openai_router)
+    for router in (chat_router, completions_router, models_router, admin_router):
+        app.include_router(router)
     app.include_router(admin_router)
     app.add_middleware(GuardMiddleware, state=state)
     app.add_middleware(AccessLogMiddleware)

@@ -30,8 +30,10 @@ from ferry.config import (
     SchedulerConfig,
     ServerConfig,
 )
-from ferry.server.app import ServerState, build_app, get_state
+from ferry.engine.async_engine import AsyncEngine
+from ferry.server.app import build_app
 from ferry.server.logging import configure_logging
+from ferry.server.state import ServerState, get_state
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +184,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, server_config.log_format)
-    from ferry.engine.async_engine import AsyncEngine
-
     # NOTE: the engine loop owns the main thread (PyTorch's OpenMP pool runs small matmuls ~3x
     # slower from other threads); HTTP runs on a second thread and gets the engine once loaded,
     # so /health answers 503 meanwhile.

@@ -10,22 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 
-from ferry.engine.async_engine import EngineDeadError
+from ferry.engine.async_engine import AsyncEngine, EngineDeadError
+from ferry.openai_errors import OpenAIError, bad_request
 from ferry.outputs import RequestOutput
 from ferry.sampling_params import SamplingParams
 from ferry.server.admission import AdmissionRejected, RequestTooLarge
-from ferry.server.errors import OpenAIError, bad_request
 from ferry.server.logging import RequestLogInfo, log_info_of
 from ferry.server.metrics import RequestRecorder
-from ferry.server.streaming import merge_streams
-
-if TYPE_CHECKING:
-    from ferry.engine.async_engine import AsyncEngine
-    from ferry.server.app import ServerState
+from ferry.server.state import ServerState
+from ferry.server.stream_merge import merge_streams
 
 logger = logging.getLogger(__name__)
 

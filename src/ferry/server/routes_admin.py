@@ -5,12 +5,14 @@ They stay open without an API key (only ``/v1`` routes need one), like vLLM's.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 
-from ferry.server.app import get_state
-from ferry.server.errors import OpenAIError, bad_request, error_body
+from ferry.openai_errors import OpenAIError, bad_request, error_body
+from ferry.server.deps import Engine, State, json_body
 from ferry.server.metrics import CONTENT_TYPE
 from ferry.server.protocol import (
     DetokenizeRequest,
@@ -18,14 +20,16 @@ from ferry.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from ferry.server.routes_openai import check_model, parse_body
+from ferry.version import __version__
 
 router = APIRouter()
 
+_tokenize_body = json_body(TokenizeRequest)
+_detokenize_body = json_body(DetokenizeRequest)
+
 
 @router.get("/health")
-async def health(request: Request) -> Response:
-    state = get_state(request.app)
+async def health(state: State) -> Response:
     if state.engine is None:
         message = (f"model failed to load: {state.load_error}" if state.load_error
                    else "model is loading")
@@ -38,26 +42,20 @@ async def health(request: Request) -> Response:
 
 @router.get("/version")
 async def version() -> dict[str, str]:
-    from ferry import __version__
-
     return {"version": __version__}
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    state = get_state(request.app)
+async def metrics(state: State) -> Response:
     if state.metrics is None:
         raise OpenAIError(503, "the model is still loading; no metrics yet",
                           headers={"Retry-After": "1"})
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.post("/tokenize")
-async def tokenize(request: Request) -> TokenizeResponse:
-    req = await parse_body(request, TokenizeRequest)
-    state = get_state(request.app)
-    engine = state.require_engine()
-    check_model(state, req.model)
+@router.post("/tokenize", dependencies=[Depends(_tokenize_body.model_name)])
+async def tokenize(req: Annotated[TokenizeRequest, Depends(_tokenize_body.parse)],
+                   engine: Engine) -> TokenizeResponse:
     tok = engine.tokenizer
     if req.messages is not None:
         try:
@@ -73,12 +71,9 @@ async def tokenize(request: Request) -> TokenizeResponse:
                             token_strs=strs)
 
 
-@router.post("/detokenize")
-async def detokenize(request: Request) -> DetokenizeResponse:
-    req = await parse_body(request, DetokenizeRequest)
-    state = get_state(request.app)
-    engine = state.require_engine()
-    check_model(state, req.model)
+@router.post("/detokenize", dependencies=[Depends(_detokenize_body.model_name)])
+async def detokenize(req: Annotated[DetokenizeRequest, Depends(_detokenize_body.parse)],
+                     engine: Engine) -> DetokenizeResponse:
     tok = engine.tokenizer
     bad = [t for t in req.tokens if t >= tok.vocab_size]
     if bad:

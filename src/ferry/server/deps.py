@@ -1,0 +1,101 @@
+"""Request dependencies: what a route needs, declared as FastAPI ``Depends`` and resolved per request.
+
+A route names them in its signature instead of reaching into ``app.state``::
+
+    _body = json_body(TokenizeRequest)
+
+    @router.post("/tokenize", dependencies=[Depends(_body.model_name)])
+    async def tokenize(req: Annotated[TokenizeRequest, Depends(_body.parse)], engine: Engine) -> ...
+
+FastAPI solves a route's dependencies in the order of its parameters (a dependency's own ones
+first) and each at most once per request, so the errors keep one order everywhere: a bad body
+(400), then no engine yet (503), then a model name this server does not serve (404).
+"""
+
+# NOTE: no `from __future__ import annotations`: FastAPI reads these signatures at run time, and
+# the functions made by `json_body` name a closure variable in their annotations, which a string
+# annotation could not resolve.
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Generic, Protocol, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from ferry.engine.async_engine import AsyncEngine
+from ferry.openai_errors import OpenAIError, bad_request, validation_error_to_openai
+from ferry.server.state import ServerState, get_state
+
+M = TypeVar("M", bound=BaseModel)
+
+# NOTE: every dependency here is `async def`: FastAPI runs a plain `def` dependency in a worker
+# thread, and ServerState is only touched on the event loop thread.
+
+
+async def server_state(request: Request) -> ServerState:
+    return get_state(request.app)
+
+
+State = Annotated[ServerState, Depends(server_state)]
+
+
+async def ready_engine(state: State) -> AsyncEngine:
+    """The loaded engine, or a 503 while the model loads (or after its load failed)."""
+    return state.require_engine()
+
+
+Engine = Annotated[AsyncEngine, Depends(ready_engine)]
+
+
+def check_model(state: ServerState, model: str | None) -> str:
+    """The served model name; a 404 when the client asked for another model."""
+    name = state.served_model_name or ""
+    if model is not None and model != name:
+        raise OpenAIError(404, f"The model `{model}` does not exist. This server serves `{name}`.",
+                          param="model", code="model_not_found")
+    return name
+
+
+class NamesModel(Protocol):
+    """A request body with OpenAI's optional ``model`` field."""
+
+    model: str | None
+
+
+@dataclass(frozen=True)
+class JSONBody(Generic[M]):
+    """A route's JSON body as two dependencies that share one parse per request.
+
+    ``parse``: the body validated as the route's model (400 on any problem).
+    ``model_name``: the served model name, once the body and the engine are OK (404 for another).
+    """
+
+    parse: Callable[[Request], Awaitable[M]]
+    model_name: Callable[..., Awaitable[str]]
+
+
+def json_body(model: type[M]) -> JSONBody[M]:
+    """The body dependencies for ``model``; make them once per route module (FastAPI caches a
+    dependency's result per request by its function)."""
+
+    async def parse_body(request: Request) -> M:
+        raw = await request.body()
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_request(f"The request body is not valid JSON: {exc}",
+                              code="invalid_json") from exc
+        if not isinstance(obj, dict):
+            raise bad_request("The request body must be a JSON object.", code="invalid_json")
+        try:
+            return model.model_validate(obj)
+        except ValidationError as exc:
+            raise validation_error_to_openai(list(exc.errors())) from exc
+
+    async def served_model_name(req: Annotated[NamesModel, Depends(parse_body)], _: Engine,
+                                state: State) -> str:
+        return check_model(state, req.model)
+
+    return JSONBody(parse_body, served_model_name)
