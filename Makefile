@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ferry.kernels.build
 	touch $(STAMP)
 
+# lint-imports: the one-way import layers in pyproject.toml ([tool.importlinter]) hold
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 serve: install

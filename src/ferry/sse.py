@@ -11,7 +11,7 @@ whose ``finally`` would never run), instead of leaving both to the garbage colle
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -31,7 +31,8 @@ def sse_event(payload: BaseModel | Mapping[str, Any] | str, *,
               exclude: set[str] | None = None) -> str:
     """One SSE ``data:`` event. A ``str`` is an already-serialized payload (passed through as it is).
 
-    JSON has no raw newlines, so one ``data:`` line is enough.
+    Serialized JSON has no raw newlines, so it is one ``data:`` line; a passed-through payload with
+    newlines gets one ``data:`` line per line, which a reader joins back with newlines.
     """
     if isinstance(payload, BaseModel):
         body = payload.model_dump_json(exclude=exclude)
@@ -39,10 +40,12 @@ def sse_event(payload: BaseModel | Mapping[str, Any] | str, *,
         body = payload
     else:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    if "\n" in body or "\r" in body:
+        return "".join(f"data: {line}\n" for line in body.splitlines()) + "\n"
     return f"data: {body}\n\n"
 
 
-async def aiter_sse_data(response: httpx.Response) -> AsyncIterator[str]:
+async def aiter_sse_data(response: httpx.Response) -> AsyncGenerator[str, None]:
     """The ``data`` payloads of a streamed ``text/event-stream`` response, in order.
 
     Comments, event names, ids and blank keep-alive events are skipped. Raises ``SSEError`` when the

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ferry.engine.detokenizer import IncrementalDetokenizer
-from ferry.tokenizer import Tokenizer
 from ferry.loader.gguf import open_gguf, read_metadata
+from ferry.tokenizer import Tokenizer
 
 TEXT = ("The quick brown fox 🦊 jumps over the lazy dog. 日本語のテキスト、中文。 "
         "Emoji: 🎉🚀👩‍👩‍👧‍👦 — naïve café.\n\ndef f(x):\n    return x ** 2\n")

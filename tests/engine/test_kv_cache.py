@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ferry.batch.request import Request
 from ferry.engine.kv_cache import BlockPool, KVCacheManager
 from ferry.engine.kv_cache.hashing import extend_block_hashes, hash_block
-from ferry.batch.request import Request
 from ferry.sampling_params import SamplingParams
 
 BS = 4

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from hf_reference import hf_greedy, load_hf
+from loader.test_gguf import write_gguf
 
 from ferry import LLM, SamplingParams
 from ferry.batch.outputs import ScheduledRequest, SchedulerOutput
 from ferry.batch.request import Request
-
-from hf_reference import hf_greedy, load_hf
-from loader.test_gguf import write_gguf
 
 PROMPTS = [
     "The quick brown fox",

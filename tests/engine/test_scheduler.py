@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ferry.config import SchedulerConfig
-from ferry.engine.kv_cache import KVCacheManager
 from ferry.batch.outputs import ModelRunnerOutput, SampledToken, SchedulerOutput
 from ferry.batch.request import Request, RequestStatus
+from ferry.config import SchedulerConfig
+from ferry.engine.kv_cache import KVCacheManager
 from ferry.engine.scheduler import Scheduler
 from ferry.sampling_params import SamplingParams
 

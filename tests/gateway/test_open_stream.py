@@ -10,7 +10,6 @@ import pytest
 from ferry.gateway.backends.base import UpstreamError
 from ferry.gateway.proxy import _open_stream
 
-
 SSE = {"content-type": "text/event-stream"}
 
 

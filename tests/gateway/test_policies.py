@@ -9,8 +9,8 @@ import pytest
 from ferry.gateway.backends import make_backend
 from ferry.gateway.backends.base import LoadSignals
 from ferry.gateway.backends.ferry import parse_load
-from ferry.gateway.config import parse_config
 from ferry.gateway.circuit import CircuitBreaker
+from ferry.gateway.config import parse_config
 from ferry.gateway.routing import NoRoute, Router, make_policy
 
 

@@ -12,15 +12,14 @@ from typing import Any
 
 import pytest
 import torch
+from hf_reference import load_hf
 
-from ferry.config import CacheConfig, ModelConfig
 from ferry.batch.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from ferry.batch.request import Request
+from ferry.config import CacheConfig, ModelConfig
 from ferry.loader import load_model
 from ferry.runner.model_runner import ModelRunner
 from ferry.sampling_params import SamplingParams
-
-from hf_reference import load_hf
 
 BS = 4
 NUM_BLOCKS = 16

@@ -9,10 +9,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from ferry.openai_errors import validation_error_to_openai
 from ferry.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ferry.server.admission import AdmissionController, AdmissionRejected, RequestTooLarge
 from ferry.server.command import add_arguments, configs_from_args, parse_bytes
-from ferry.openai_errors import validation_error_to_openai
 from ferry.server.metrics import ServerMetrics, parse_prometheus, sample
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest
 from ferry.server.stream_merge import merge_streams

@@ -17,6 +17,16 @@ from ferry.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Logprob
 from ferry.sampling_params import SamplingParams
 
 
+def child_request_id(parent_id: str, index: int) -> str:
+    """The id of the ``index``-th sequence a request fans out into (one per choice of ``n``, one per
+    prompt of a batched completion): ``{parent}#{index}``, nested as ``{parent}#{p}#{c}``.
+
+    NOTE: the one convention for every child id, so a log line or an abort names a sequence the
+    same way wherever it was split.
+    """
+    return f"{parent_id}#{index}"
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

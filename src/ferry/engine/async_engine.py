@@ -26,9 +26,9 @@ from ferry.config import EngineConfig
 from ferry.engine.core import EngineStats, StepError
 from ferry.engine.llm_engine import LLMEngine, PromptType
 from ferry.engine.messages import AbortRequest, AddRequest, EngineMessage, Shutdown
-from ferry.tokenizer import Tokenizer
 from ferry.outputs import RequestOutput
 from ferry.sampling_params import SamplingParams
+from ferry.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

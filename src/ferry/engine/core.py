@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ferry.config import ArchConfig, EngineConfig
-from ferry.engine.kv_cache import KVCacheManager
 from ferry.batch.outputs import EngineCoreOutput
 from ferry.batch.request import Request, RequestStatus
+from ferry.config import ArchConfig, EngineConfig
+from ferry.engine.kv_cache import KVCacheManager
 from ferry.engine.scheduler import Scheduler
 from ferry.runner.model_runner import ModelRunner, WeightSource
 

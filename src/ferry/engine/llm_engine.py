@@ -8,15 +8,15 @@ from typing import Any, Union
 
 import torch
 
+from ferry.batch.request import Request, RequestStatus, child_request_id
 from ferry.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ferry.engine.core import EngineCore, EngineStats
 from ferry.engine.detokenizer import IncrementalDetokenizer
-from ferry.engine.output_processor import OutputProcessor, RequestState, child_id
-from ferry.batch.request import Request, RequestStatus
-from ferry.tokenizer import Tokenizer
+from ferry.engine.output_processor import OutputProcessor, RequestState
 from ferry.loader import load_model
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.sampling_params import SamplingParams
+from ferry.tokenizer import Tokenizer
 
 # A prompt is text, or vLLM's token form {"prompt_token_ids": [...]}; a raw id list is accepted too.
 PromptType = Union[str, dict[str, Any], Sequence[int]]
@@ -55,7 +55,7 @@ class LLMEngine:
             raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
         self.core.check_fits(n_prompt, max_tokens)
-        children = [self._child(child_id(request_id, i), ids, params, max_tokens, i)
+        children = [self._child(child_request_id(request_id, i), ids, params, max_tokens, i)
                     for i in range(params.n)]
         # NOTE: the prompt's last tokens are decoding context: without them a sentencepiece
         # tokenizer drops the first generated token's leading space (" Paris" -> "Paris").

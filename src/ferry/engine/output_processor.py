@@ -8,15 +8,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ferry.engine.detokenizer import IncrementalDetokenizer
-from ferry.batch.request import Request
 from ferry.batch.outputs import EngineCoreOutput
-from ferry.tokenizer import Tokenizer
+from ferry.batch.request import Request
+from ferry.engine.detokenizer import IncrementalDetokenizer
 from ferry.outputs import FINISH_STOP, CompletionOutput, RequestMetrics, RequestOutput
-
-
-def child_id(request_id: str, index: int) -> str:
-    return f"{request_id}#{index}"
+from ferry.tokenizer import Tokenizer
 
 
 @dataclass(eq=False)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from ferry.config import SchedulerConfig
-from ferry.engine.kv_cache import KVCacheManager
 from ferry.batch.outputs import (
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -20,6 +18,8 @@ from ferry.batch.outputs import (
     SchedulerOutput,
 )
 from ferry.batch.request import Request, RequestStatus
+from ferry.config import SchedulerConfig
+from ferry.engine.kv_cache import KVCacheManager
 
 
 class Scheduler:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,20 +106,12 @@ def _event(payload: str) -> Any:
         return None
 
 
-async def _aclose(events: AsyncIterator[str]) -> None:
-    # NOTE: ``aiter_sse_data`` is typed as an iterator; it is a generator, whose ``finally`` should
-    # run now rather than when the garbage collector finds it.
-    aclose = getattr(events, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 @dataclass
 class _Stream:
     """An upstream stream that has produced its first token (or ended) and has not reached the client."""
 
     response: httpx.Response
-    events: AsyncIterator[str]  # its data payloads, continued where the first token was read
+    events: AsyncGenerator[str, None]  # its data payloads, continued where the first token was read
     buffered: list[str]  # payloads read so far
     usage: tuple[int, int] | None
     done: bool
@@ -137,13 +129,14 @@ async def _open_stream(backend_name: str, resp: httpx.Response) -> _Stream:
     except BaseException:
         with anyio.CancelScope(shield=True):
             try:
-                await _aclose(events)
+                await events.aclose()
             finally:
                 await resp.aclose()
         raise
 
 
-async def _read_first_token(backend_name: str, resp: httpx.Response, events: AsyncIterator[str]) -> _Stream:
+async def _read_first_token(backend_name: str, resp: httpx.Response,
+                            events: AsyncGenerator[str, None]) -> _Stream:
     buffered: list[str] = []
     usage = None
     try:
@@ -336,7 +329,7 @@ class InferenceHandler:
                 return
             end.closed = True
             try:
-                await _aclose(opened.events)
+                await opened.events.aclose()
             finally:
                 await opened.response.aclose()
             gw.router.release(backend)

@@ -13,7 +13,6 @@ from types import ModuleType
 
 import torch
 
-from ferry.config import ArchConfig, CacheConfig, ModelConfig
 from ferry.batch.outputs import (
     ModelRunnerOutput,
     SampledToken,
@@ -21,6 +20,7 @@ from ferry.batch.outputs import (
     SchedulerOutput,
 )
 from ferry.batch.request import Request
+from ferry.config import ArchConfig, CacheConfig, ModelConfig
 from ferry.kernels.build import KernelUnavailableError, load_cpu_kernels
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
 from ferry.model.llama import KVCache, Weight

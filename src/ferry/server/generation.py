@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from ferry.batch.request import child_request_id
 from ferry.engine.async_engine import AsyncEngine, EngineDeadError
 from ferry.openai_errors import OpenAIError, bad_request
 from ferry.outputs import RequestOutput
@@ -57,7 +58,7 @@ class Generation:
     def sub_ids(self) -> list[str]:
         if len(self.prompts) == 1:
             return [self.request_id]
-        return [f"{self.request_id}-{i}" for i in range(len(self.prompts))]
+        return [child_request_id(self.request_id, i) for i in range(len(self.prompts))]
 
     def admit(self) -> None:
         """Take ``prompts x n`` sequences from admission control (429/400 when it says no)."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ferry.batch.request import Request
 from ferry.engine.kv_cache.block_pool import BlockPool, KVBlock
 from ferry.engine.kv_cache.hashing import extend_block_hashes
-from ferry.batch.request import Request
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from ferry.gateway.config import BackendConfig, HealthConfig
 from ferry.gateway.circuit import CircuitBreaker
+from ferry.gateway.config import BackendConfig, HealthConfig
 
 
 class UpstreamError(Exception):
