@@ -41,15 +41,18 @@ def sse_event(payload: BaseModel | Mapping[str, Any] | str, *,
     else:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     if "\n" in body or "\r" in body:
-        return "".join(f"data: {line}\n" for line in body.splitlines()) + "\n"
+        lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        return "".join(f"data: {line}\n" for line in lines) + "\n"
     return f"data: {body}\n\n"
 
 
 async def aiter_sse_data(response: httpx.Response) -> AsyncGenerator[str, None]:
     """The ``data`` payloads of a streamed ``text/event-stream`` response, in order.
 
-    Comments, event names, ids and blank keep-alive events are skipped. Raises ``SSEError`` when the
-    response is not an event stream; network errors are httpx's own.
+    Decoded as the SSE standard says: an event ends at a blank line (an unterminated last event is
+    dropped) and the ``data:`` lines of one event join with a newline. Comments, event names, ids
+    and blank keep-alive events are skipped. Raises ``SSEError`` when the response is not an event
+    stream; network errors are httpx's own.
     """
     events = EventSource(response).aiter_sse()
     try:

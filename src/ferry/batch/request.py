@@ -27,6 +27,11 @@ def child_request_id(parent_id: str, index: int) -> str:
     return f"{parent_id}#{index}"
 
 
+def parent_request_id(child_id: str) -> str:
+    """The request a ``child_request_id`` was split from (the last ``#`` level)."""
+    return child_id.rsplit("#", 1)[0]
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

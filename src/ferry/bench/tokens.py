@@ -1,7 +1,7 @@
 """``--tokenizer``: count output tokens when a server sends no usage, and size synthetic prompts exactly.
 
 Accepts a ``tokenizer.json``, a Hugging Face folder holding one, a ``.gguf`` file (its tokenizer is
-rebuilt from the metadata by ``ferry.engine.tokenizer``), or a built-in model name.
+rebuilt from the metadata by ``ferry.tokenizer``), or a built-in model name.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ferry.batch.request import parent_request_id
 from ferry.config import EngineConfig
 from ferry.engine.core import EngineStats, StepError
 from ferry.engine.llm_engine import LLMEngine, PromptType
@@ -186,7 +187,7 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except StepError as exc:
-            parents = {rid.rsplit("#", 1)[0] for rid in exc.request_ids}
+            parents = {parent_request_id(rid) for rid in exc.request_ids}
             for parent in parents:
                 self.engine.abort_request(parent)
                 self._fail(parent, EngineError(str(exc)))

@@ -329,11 +329,14 @@ class InferenceHandler:
                 return
             end.closed = True
             try:
-                await opened.events.aclose()
+                try:
+                    await opened.events.aclose()
+                finally:
+                    await opened.response.aclose()
             finally:
-                await opened.response.aclose()
-            gw.router.release(backend)
-            await ctx.finish(self._outcome(res, end.status, end.usage, ttft_s=ttft, reason=end.reason))
+                # NOTE: a failing close must not leak the backend's slot or leave the row pending.
+                gw.router.release(backend)
+                await ctx.finish(self._outcome(res, end.status, end.usage, ttft_s=ttft, reason=end.reason))
 
         async def events() -> AsyncIterator[str]:
             error_event: str | None = None  # an upstream error event passed through mid-stream

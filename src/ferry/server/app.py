@@ -177,7 +177,6 @@ def build_app(engine: AsyncEngine | EngineLoader, config: ServerConfig, *,
     install_error_handlers(app)
     for router in (chat_router, completions_router, models_router, admin_router):
         app.include_router(router)
-    app.include_router(admin_router)
     app.add_middleware(GuardMiddleware, state=state)
     app.add_middleware(AccessLogMiddleware)
     return app
