@@ -39,8 +39,10 @@ class EngineCore:
     def __init__(self, config: EngineConfig, arch: ArchConfig, weights: WeightSource) -> None:
         self.config = config
         self.arch = arch
-        self.max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
+        asked_len = resolve_max_model_len(arch, config.model.max_model_len)  # before the weights
         self.runner = ModelRunner(arch, config.model, config.cache, weights)
+        self.max_model_len = fit_max_model_len(asked_len, self.runner.num_blocks,
+                                               config.cache.block_size)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
@@ -99,3 +101,20 @@ def resolve_max_model_len(arch: ArchConfig, asked: int | None) -> int:
         raise ValueError(f"max_model_len={asked} exceeds the model's context length "
                          f"{arch.max_position_embeddings}")
     return asked
+
+
+def fit_max_model_len(max_model_len: int, num_blocks: int, block_size: int) -> int:
+    """``max_model_len``, or less with a warning when the KV pool cannot hold one such sequence.
+
+    NOTE: as vLLM does: a pool smaller than one max-length sequence would otherwise refuse every
+    request that omits max_tokens (it may run to the end of the context), so the context is cut to
+    what the pool holds and the start-up log says so once.
+    """
+    pool_tokens = num_blocks * block_size
+    if max_model_len <= pool_tokens:
+        return max_model_len
+    logger.warning(
+        "the KV cache holds %d tokens (%d blocks of %d), fewer than max_model_len=%d: reducing "
+        "max_model_len to %d; raise --kv-cache-memory (or lower --max-model-len) to silence this",
+        pool_tokens, num_blocks, block_size, max_model_len, pool_tokens)
+    return pool_tokens

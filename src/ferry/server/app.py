@@ -29,6 +29,8 @@ from ferry.engine.async_engine import AsyncEngine
 from ferry.openai_errors import OpenAIError, install_error_handlers
 from ferry.server.admission import AdmissionController
 from ferry.server.logging import AccessLogMiddleware
+from ferry.server.openapi import publish_request_models
+from ferry.server.protocol import REQUEST_MODELS
 from ferry.server.routes_admin import router as admin_router
 from ferry.server.routes_chat import router as chat_router
 from ferry.server.routes_completions import router as completions_router
@@ -175,6 +177,7 @@ def build_app(engine: AsyncEngine | EngineLoader, config: ServerConfig, *,
                   redoc_url=None)
     app.state.ferry = state
     install_error_handlers(app)
+    publish_request_models(app, REQUEST_MODELS)
     for router in (chat_router, completions_router, models_router, admin_router):
         app.include_router(router)
     app.add_middleware(GuardMiddleware, state=state)

@@ -8,13 +8,21 @@ from ferry.sampling_params import SamplingParams
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+def sampling_params(req: ChatCompletionRequest | CompletionRequest,
+                    vocab_size: int) -> SamplingParams:
     try:
-        return req.to_sampling_params()
+        params = req.to_sampling_params()
     except ValueError as exc:
         # SamplingParams' messages start with the field name ("top_k must be ...").
         first = str(exc).split(" ", 1)[0]
         raise bad_request(str(exc), param=first if first.isidentifier() else None) from exc
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        # NOTE: an id past the vocabulary can never be sampled, so it could never stop anything:
+        # the client made a mistake it should hear about (and 10**30 must not reach a tensor).
+        raise bad_request(f"Token id {bad[0]} in stop_token_ids is out of the vocabulary "
+                          f"[0, {vocab_size}).", param="stop_token_ids")
+    return params
 
 
 def check_prompt(ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int,

@@ -16,7 +16,6 @@ first) and each at most once per request, so the errors keep one order everywher
 # the functions made by `json_body` name a closure variable in their annotations, which a string
 # annotation could not resolve.
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Generic, Protocol, TypeVar
@@ -25,7 +24,8 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from ferry.engine.async_engine import AsyncEngine
-from ferry.openai_errors import OpenAIError, bad_request, validation_error_to_openai
+from ferry.openai_errors import OpenAIError, parse_json_object, validation_error_to_openai
+from ferry.server.logging import log_info_of
 from ferry.server.state import ServerState, get_state
 
 M = TypeVar("M", bound=BaseModel)
@@ -68,7 +68,9 @@ class NamesModel(Protocol):
 class JSONBody(Generic[M]):
     """A route's JSON body as two dependencies that share one parse per request.
 
-    ``parse``: the body validated as the route's model (400 on any problem).
+    ``parse``: the body read strictly (``ferry.openai_errors.parse_json_object``: JSON content
+    type, no lone surrogates, nesting, NaN or overflow) and validated as the route's strict model;
+    a 400 on any problem, its reason also in the access log line.
     ``model_name``: the served model name, once the body and the engine are OK (404 for another).
     """
 
@@ -81,18 +83,19 @@ def json_body(model: type[M]) -> JSONBody[M]:
     dependency's result per request by its function)."""
 
     async def parse_body(request: Request) -> M:
-        raw = await request.body()
         try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"The request body is not valid JSON: {exc}",
-                              code="invalid_json") from exc
-        if not isinstance(obj, dict):
-            raise bad_request("The request body must be a JSON object.", code="invalid_json")
-        try:
-            return model.model_validate(obj)
-        except ValidationError as exc:
-            raise validation_error_to_openai(list(exc.errors())) from exc
+            obj = parse_json_object(await request.body(), request.headers.get("content-type"))
+            try:
+                # NOTE: the models are strict (protocol._Request): "stream": "yes" is a 400, as
+                # in OpenAI's API, not True.
+                return model.model_validate(obj)
+            except ValidationError as exc:
+                raise validation_error_to_openai(list(exc.errors())) from exc
+        except OpenAIError as error:
+            info = log_info_of(request.scope)
+            if info is not None:  # the access log line says why the body was refused
+                info.error = error.message[:300]
+            raise
 
     async def served_model_name(req: Annotated[NamesModel, Depends(parse_body)], _: Engine,
                                 state: State) -> str:

@@ -1,5 +1,7 @@
-"""Pydantic models for every request and response body, in OpenAI's wire format.
+"""Pydantic models for every request body, in OpenAI's wire format (responses: ``responses``).
 
+Types are strict, as in OpenAI's API: ``"stream": "yes"``, ``"n": "2"`` or ``"max_tokens": 1.5``
+are 400s naming the field, never coerced (an integer still counts as a float).
 Requests forbid unknown fields with a value: an unknown field set to something is a feature this
 server does not have, and the caller hears so (400) instead of getting a silently different answer.
 An unknown field that is null or empty (``tool_calls: null``, ``refusal: null``,
@@ -12,21 +14,11 @@ can say exactly that; harmless bookkeeping fields (``user``, ``store``, ``metada
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ferry.sampling_params import SamplingParams
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now_s() -> int:
-    return int(time.time())
 
 
 class ParamError(ValueError):
@@ -41,7 +33,9 @@ _EMPTY: tuple[Any, ...] = (None, [], {})
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NOTE: the body comes from ferry.openai_errors.parse_json_object, which already refused
+    # NaN/Infinity and overflowing numbers; allow_inf_nan=False keeps Python callers honest too.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -52,10 +46,6 @@ class _Request(BaseModel):
             return data
         return {k: v for k, v in data.items()
                 if k in cls.model_fields or v not in _EMPTY}
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,121 +287,7 @@ class CompletionRequest(_SamplingFields):
 
 
 # --------------------------------------------------------------------------------------------------
-# Responses
-
-
-class PromptTokensDetails(_Response):
-    cached_tokens: int = 0
-
-
-class Usage(_Response):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class TopLogprob(_Response):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatTokenLogprob(_Response):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(_Response):
-    content: list[ChatTokenLogprob] | None = None
-
-
-class ChatResponseMessage(_Response):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(_Response):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionResponse(_Response):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class DeltaMessage(_Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(_Response):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(_Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class CompletionLogprobs(_Response):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(_Response):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class CompletionResponse(_Response):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-# --------------------------------------------------------------------------------------------------
-# Models, tokenize, detokenize
-
-
-class ModelCard(_Response):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "ferry"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(_Response):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+# Tokenize, detokenize
 
 
 class TokenizeRequest(_Request):
@@ -429,13 +305,6 @@ class TokenizeRequest(_Request):
         return self
 
 
-class TokenizeResponse(_Response):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
@@ -449,5 +318,6 @@ class DetokenizeRequest(_Request):
         return v
 
 
-class DetokenizeResponse(_Response):
-    prompt: str
+# Every request body a route reads, for the OpenAPI document (ferry.server.openapi).
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest,
+                                               TokenizeRequest, DetokenizeRequest)

@@ -14,12 +14,9 @@ from jinja2 import TemplateError
 from ferry.openai_errors import OpenAIError, bad_request, error_body
 from ferry.server.deps import Engine, State, json_body
 from ferry.server.metrics import CONTENT_TYPE
-from ferry.server.protocol import (
-    DetokenizeRequest,
-    DetokenizeResponse,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from ferry.server.openapi import request_body
+from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
+from ferry.server.responses import DetokenizeResponse, TokenizeResponse
 from ferry.version import __version__
 
 router = APIRouter()
@@ -53,7 +50,8 @@ async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.post("/tokenize", dependencies=[Depends(_tokenize_body.model_name)])
+@router.post("/tokenize", dependencies=[Depends(_tokenize_body.model_name)],
+             openapi_extra=request_body(TokenizeRequest))
 async def tokenize(req: Annotated[TokenizeRequest, Depends(_tokenize_body.parse)],
                    engine: Engine) -> TokenizeResponse:
     tok = engine.tokenizer
@@ -71,7 +69,8 @@ async def tokenize(req: Annotated[TokenizeRequest, Depends(_tokenize_body.parse)
                             token_strs=strs)
 
 
-@router.post("/detokenize", dependencies=[Depends(_detokenize_body.model_name)])
+@router.post("/detokenize", dependencies=[Depends(_detokenize_body.model_name)],
+             openapi_extra=request_body(DetokenizeRequest))
 async def detokenize(req: Annotated[DetokenizeRequest, Depends(_detokenize_body.parse)],
                      engine: Engine) -> DetokenizeResponse:
     tok = engine.tokenizer

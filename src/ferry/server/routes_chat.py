@@ -15,18 +15,21 @@ from ferry.server.deltas import DeltaTracker
 from ferry.server.deps import Engine, State, json_body
 from ferry.server.driver import fill_log, run_blocking, stream_response
 from ferry.server.generation import Generation
-from ferry.server.protocol import (
+from ferry.server.openapi import request_body
+from ferry.server.protocol import ChatCompletionRequest
+from ferry.server.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
     DeltaMessage,
+    TokenTexts,
+    chat_logprobs,
     now_s,
     random_id,
+    usage_of,
 )
-from ferry.server.responses import TokenTexts, chat_logprobs, usage_of
 from ferry.sse import sse_event
 
 router = APIRouter()
@@ -34,11 +37,11 @@ router = APIRouter()
 _body = json_body(ChatCompletionRequest)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
 async def chat_completions(
         request: Request, req: Annotated[ChatCompletionRequest, Depends(_body.parse)], state: State,
         engine: Engine, model_name: Annotated[str, Depends(_body.model_name)]) -> Response:
-    params = sampling_params(req)
+    params = sampling_params(req, engine.tokenizer.vocab_size)
     try:
         ids = engine.tokenizer.encode_chat(req.template_messages(), add_generation_prompt=True)
     except (ValueError, TemplateError) as exc:

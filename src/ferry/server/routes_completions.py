@@ -16,15 +16,19 @@ from ferry.server.deltas import DeltaTracker
 from ferry.server.deps import Engine, State, json_body
 from ferry.server.driver import fill_log, run_blocking, stream_response
 from ferry.server.generation import Generation
-from ferry.server.protocol import (
+from ferry.server.openapi import request_body
+from ferry.server.protocol import CompletionRequest
+from ferry.server.responses import (
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
+    TokenTexts,
+    completion_logprobs,
+    completion_logprobs_end,
     now_s,
     random_id,
+    usage_of,
 )
-from ferry.server.responses import TokenTexts, completion_logprobs, completion_logprobs_end, usage_of
 from ferry.sse import sse_event
 
 router = APIRouter()
@@ -55,11 +59,11 @@ def _completion_prompts(req: CompletionRequest, engine: AsyncEngine,
     return out
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
 async def completions(
         request: Request, req: Annotated[CompletionRequest, Depends(_body.parse)], state: State,
         engine: Engine, model_name: Annotated[str, Depends(_body.model_name)]) -> Response:
-    params = sampling_params(req)
+    params = sampling_params(req, engine.tokenizer.vocab_size)
     prompts = _completion_prompts(req, engine, params)
     request_id = random_id("cmpl")
     gen = Generation(state, engine, request_id, [p.ids for p in prompts], params)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from ferry.engine.async_engine import AsyncEngine
 from ferry.server.deps import Engine, State, check_model
-from ferry.server.protocol import ModelCard, ModelList
+from ferry.server.responses import ModelCard, ModelList
 from ferry.server.state import ServerState
 
 router = APIRouter()

@@ -1,0 +1,109 @@
+"""The request bodies the gateway reads, typed strictly where OpenAI defines a field.
+
+The gateway passes a body to its upstream unchanged, so these models only check the fields OpenAI
+defines, with OpenAI's strict types (``"stream": "yes"`` or ``"logprobs": "yes"`` is a 400 here,
+before a ledger reservation or an upstream is spent on it), and let every other field through
+(``extra="allow"``: vLLM extensions, provider-specific options). Ranges are the upstream's to
+judge; it answers them in OpenAI's shape and the gateway passes that answer on.
+
+They also describe the two inference routes in the gateway's ``/openapi.json``: the routes read
+their body in the ``parse`` stage, after authentication, so FastAPI never sees these models itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from ferry.openai_errors import validation_error_to_openai
+
+REF_TEMPLATE = "#/components/schemas/{model}"
+MAX_TOKENS = 2**31 - 1
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class Message(_Body):
+    role: str
+    # NOTE: parts pass through as they are (text, images, audio, ...): the upstream knows them.
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class _Common(_Body):
+    # NOTE: optional here: a missing or unknown model is resolve_model's 404, as it always was.
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # NOTE: bounded because admission multiplies them into the reservation it stores: 10**30 tokens
+    # would overflow the ledger's 64-bit integer column. No model's context comes near 2**31
+    # tokens, and OpenAI's own n stops at 128.
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    n: int | None = Field(None, ge=1, le=128)
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    user: str | None = None
+
+
+class ChatCompletionBody(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=128)  # NOTE: reserved like n (see _Common)
+
+
+BODIES: dict[str, type[BaseModel]] = {"chat/completions": ChatCompletionBody,
+                                      "completions": CompletionBody}
+
+
+def check_body(endpoint: str, body: dict[str, Any]) -> None:
+    """Raise an ``OpenAIError`` 400 naming the field when ``body`` does not fit ``endpoint``."""
+    try:
+        BODIES[endpoint].model_validate(body)
+    except ValidationError as exc:
+        raise validation_error_to_openai(list(exc.errors())) from exc
+
+
+def request_body(endpoint: str) -> dict[str, Any]:
+    """``openapi_extra`` for the route of ``endpoint``: its body's schema, by reference."""
+    ref = REF_TEMPLATE.format(model=BODIES[endpoint].__name__)
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": ref}}}}}
+
+
+def publish_bodies(app: FastAPI) -> None:
+    """Add the bodies' schemas to ``app``'s OpenAPI document (built once, when first asked for)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()  # NOTE: FastAPI caches it in app.openapi_schema
+            _, top = models_json_schema([(m, "validation") for m in BODIES.values()],
+                                        ref_template=REF_TEMPLATE)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(
+                top.get("$defs", {}))
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
