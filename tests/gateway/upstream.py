@@ -48,6 +48,8 @@ class UpstreamState:
     capacity: int | None = None  # running above this shows up as waiting
     forced_waiting: float = 0.0
     forced_kv_usage: float = 0.0
+    template_tokens: int = 0  # a chat template's tokens around the messages (a default system prompt, ...)
+    max_model_len: int = 4096  # what /tokenize reports
     # what it saw
     requests: int = 0
     completed: int = 0
@@ -56,6 +58,7 @@ class UpstreamState:
     max_running: int = 0
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
+    tokenized: int = 0  # /tokenize calls
     bodies: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,7 +101,7 @@ def make_upstream(state: UpstreamState) -> FastAPI:
             return JSONResponse({"error": {"message": f"{state.name} told to fail", "type": "server_error",
                                            "param": None, "code": None}}, status_code=failing)
         text = prompt_text(body)
-        prompt_tokens = len(text.split())
+        prompt_tokens = len(text.split()) + (state.template_tokens if kind == "chat" else 0)
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 8)
         words = reply_words(text, n)
         model = body["model"]
@@ -188,6 +191,15 @@ def make_upstream(state: UpstreamState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await generate(request, "text")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """Like ferry serve's: the prompt's token count as this upstream bills it, template included."""
+        body = await request.json()
+        with state.lock:
+            state.tokenized += 1
+        count = len(prompt_text(body).split()) + (state.template_tokens if "messages" in body else 0)
+        return JSONResponse({"count": count, "max_model_len": state.max_model_len, "tokens": list(range(count))})
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ferry.gateway.admin import admin_router
+from ferry.gateway.bodies import publish_bodies, request_body
 from ferry.gateway.config import GatewayConfig
 from ferry.gateway.proxy import InferenceHandler
 from ferry.gateway.stages import Rejection, authenticate
@@ -37,13 +38,14 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
     # NOTE: the server's handlers: unknown routes, 405s, validation errors and unforeseen exceptions
     # leave in OpenAI's error shape too, not FastAPI's {"detail": ...}.
     install_error_handlers(app)
+    publish_bodies(app)
     handler = InferenceHandler(gw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body("chat/completions"))
     async def chat_completions(request: Request) -> Response:
         return await handler(request, "chat/completions")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body("completions"))
     async def completions(request: Request) -> Response:
         return await handler(request, "completions")
 

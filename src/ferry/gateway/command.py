@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--group-by", default="key", help="usage: key|team|backend|location|model|data_class|status")
     parser.add_argument("--since", default=None, help="usage: unix seconds or an ISO-8601 time")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--instance", default=os.environ.get("FERRY_GATEWAY_INSTANCE"),
+                        help="this instance's name in the ledger (default: $FERRY_GATEWAY_INSTANCE, else random); "
+                             "a restart under the same name settles the requests the last run left in flight. "
+                             "Two running instances must never share one")
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -79,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ferry.gateway.app import create_app
 
-    app = create_app(config)
+    if args.instance is not None and not 1 <= len(args.instance) <= 64:
+        print("error: --instance must be 1 to 64 characters", file=sys.stderr)
+        return 2
+    app = create_app(config, instance=args.instance)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

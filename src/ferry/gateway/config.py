@@ -132,6 +132,13 @@ class ModelRoute:
 
     name: str
     deployments: tuple[DeploymentConfig, ...]
+    # NOTE: the three below size a request's reservation when no backend can count it exactly
+    # (see reservation.py): the completion tokens a request without max_tokens may produce (the
+    # model's context length self-hosted, the API's output cap in the cloud), and the tokens a chat
+    # template adds per request (BOS, a default system prompt, the generation prompt) and per message.
+    max_output_tokens: int = 32768
+    template_overhead_tokens: int = 64
+    message_overhead_tokens: int = 8
     path: str = "models[?]"
 
     def __post_init__(self) -> None:
@@ -139,6 +146,11 @@ class ModelRoute:
             raise ConfigError(f"{self.path}.name", "must be a non-empty string")
         if not self.deployments:
             raise ConfigError(f"{self.path}.deployments", "must list at least one deployment")
+        for name, least in (("max_output_tokens", 1), ("template_overhead_tokens", 0),
+                            ("message_overhead_tokens", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{self.path}.{name}", f"must be an integer >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,21 @@ class TeamConfig:
             _non_negative(f"teams.{self.name}.budget_usd", self.budget_usd)
 
 
+@dataclass(frozen=True)
+class LedgerConfig:
+    """How in-flight rows survive a gateway that dies (see recovery.py)."""
+
+    progress_interval: float = 2.0  # seconds between writes of streams' delivered tokens and the heartbeat
+    instance_lease: float = 30.0  # seconds without a heartbeat after which an instance counts as dead
+
+    def __post_init__(self) -> None:
+        _positive("ledger.progress_interval", self.progress_interval)
+        _positive("ledger.instance_lease", self.instance_lease)
+        if self.instance_lease < 2 * self.progress_interval:
+            raise ConfigError("ledger.instance_lease", f"must be at least twice ledger.progress_interval "
+                                                       f"({self.progress_interval:g}s), got {self.instance_lease!r}")
+
+
 _DEFAULT_DATA_CLASSES = (
     DataClassConfig("public", ("onprem", "cloud")),
     DataClassConfig("restricted", ("onprem",)),
@@ -257,6 +284,7 @@ class GatewayConfig:
     master_key_env: str = "FERRY_MASTER_KEY"
     health: HealthConfig = field(default_factory=HealthConfig)
     teams: tuple[TeamConfig, ...] = ()
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -342,11 +370,14 @@ _BACKEND_KEYS = ("name", "url", "location", "kind", "api_key_env", "max_concurre
                  "connect_timeout", "input_per_mtok", "output_per_mtok", "metrics_url")
 
 
+_MODEL_LIMIT_KEYS = ("max_output_tokens", "template_overhead_tokens", "message_overhead_tokens")
+
+
 def parse_config(data: Any) -> GatewayConfig:
     """Build a ``GatewayConfig`` from parsed YAML; raises ``ConfigError`` naming the key at fault."""
     top = _fields(_mapping(data, "config"), "", (
         "backends", "models", "routing", "data_classes", "default_data_class", "pii", "database",
-        "master_key_env", "health", "teams"), required=("backends", "models"))
+        "master_key_env", "health", "teams", "ledger"), required=("backends", "models"))
     backends = []
     for i, raw in enumerate(_list(top.pop("backends"), "backends")):
         path = f"backends[{i}]"
@@ -355,14 +386,16 @@ def parse_config(data: Any) -> GatewayConfig:
     models = []
     for i, raw in enumerate(_list(top.pop("models"), "models")):
         path = f"models[{i}]"
-        m = _fields(_mapping(raw, path), path, ("name", "deployments"), required=("name", "deployments"))
+        m = _fields(_mapping(raw, path), path, ("name", "deployments", *_MODEL_LIMIT_KEYS),
+                    required=("name", "deployments"))
         deps = []
         for j, draw in enumerate(_list(m["deployments"], f"{path}.deployments")):
             dpath = f"{path}.deployments[{j}]"
             d = _fields(_mapping(draw, dpath), dpath, ("backend", "model", "input_per_mtok", "output_per_mtok"),
                         required=("backend", "model"))
             deps.append(DeploymentConfig(**d, path=dpath))
-        models.append(ModelRoute(name=m["name"], deployments=tuple(deps), path=path))
+        models.append(ModelRoute(name=m["name"], deployments=tuple(deps), path=path,
+                                 **{k: m[k] for k in _MODEL_LIMIT_KEYS if k in m}))
     kwargs: dict[str, Any] = {"backends": tuple(backends), "models": tuple(models)}
     if "routing" in top:
         r = _fields(_mapping(top.pop("routing"), "routing"), "routing",
@@ -374,6 +407,9 @@ def parse_config(data: Any) -> GatewayConfig:
     if "health" in top:
         kwargs["health"] = HealthConfig(**_fields(_mapping(top.pop("health"), "health"), "health",
                                                   ("interval", "timeout", "failure_threshold", "cooldown")))
+    if "ledger" in top:
+        kwargs["ledger"] = LedgerConfig(**_fields(_mapping(top.pop("ledger"), "ledger"), "ledger",
+                                                  ("progress_interval", "instance_lease")))
     if "data_classes" in top:
         classes = []
         for name, raw in _mapping(top.pop("data_classes"), "data_classes").items():
@@ -427,7 +463,7 @@ def describe(config: GatewayConfig) -> str:
     lines.append("models:")
     for m in config.models:
         deps = ", ".join(f"{d.backend}/{d.model} ({config.backend(d.backend).location})" for d in m.deployments)
-        lines.append(f"  {m.name} -> {deps}")
+        lines.append(f"  {m.name} -> {deps}; without max_tokens reserves {m.max_output_tokens} completion tokens")
     r = config.routing
     o = r.overflow
     lines.append(f"routing: {r.policy}, {r.retries} retries, queue timeout {r.queue_timeout:g}s; on-prem saturated at "
@@ -446,6 +482,9 @@ def describe(config: GatewayConfig) -> str:
                  f"for {h.cooldown:g}s")
     for t in config.teams:
         lines.append(f"team {t.name}: budget " + ("none" if t.budget_usd is None else f"${t.budget_usd:g}"))
+    lg = config.ledger
+    lines.append(f"ledger: in-flight progress every {lg.progress_interval:g}s, an instance silent for "
+                 f"{lg.instance_lease:g}s is settled as dead")
     lines.append(f"database: {config.database}")
     lines.append(f"master key from ${config.master_key_env}")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Class A is at least as strict as class B when A's allowed locations are a subset of B's. Tightening
 to a class that is not at least as strict keeps the current class: a header can never widen where
-data may go.
+data may go. A body the PII scanner cannot classify (``scan_failed:<reason>``) is tightened exactly
+like one carrying PII: it fails closed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ferry.gateway.config import DataClassConfig, GatewayConfig
-from ferry.gateway.pii import PiiDetector, request_texts
+from ferry.gateway.pii import SCAN_FAILED, PiiDetector
 
 HEADER = "x-ferry-data-class"
 
@@ -23,9 +24,14 @@ class UnknownDataClass(ValueError):
 class DataClassDecision:
     name: str
     locations: tuple[str, ...]
-    pii: tuple[str, ...]  # detectors that fired
+    pii: tuple[str, ...]  # detectors that fired, or ``scan_failed:<reason>``
     requested: str | None  # the header's value, if any
     header_ignored: bool  # the header asked for a looser class
+
+    @property
+    def scan_failed(self) -> bool:
+        """The body could not be classified and was kept to the PII class (fail closed)."""
+        return any(k.startswith(SCAN_FAILED) for k in self.pii)
 
 
 class DataClassPolicy:
@@ -57,7 +63,7 @@ class DataClassPolicy:
             ignored = not applied
         pii: tuple[str, ...] = ()
         if self._detector is not None and self._pii_class is not None:
-            pii = self._detector.scan(request_texts(body))
+            pii = self._detector.scan_body(body).kinds
             if pii:
                 cls, _ = self._tighten(cls, self.get(self._pii_class))
         return DataClassDecision(cls.name, cls.locations, pii, header, ignored)

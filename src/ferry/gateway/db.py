@@ -7,7 +7,8 @@ limits, budgets and the ledger. Both sit behind the same tables; nothing here ho
 from __future__ import annotations
 
 from sqlalchemy import (Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
-                        create_engine, event)
+                        create_engine, event, inspect, text)
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
 
 metadata = MetaData()
@@ -53,9 +54,28 @@ ledger_table = Table(
     Column("overflow", Boolean, nullable=False, default=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("instance", String(64), nullable=True),
+    # NOTE: what an in-flight request holds against TPM and budgets (its most possible usage); 0 once
+    # settled. The usage columns above say what was billed: for a stream in flight, what it has
+    # delivered so far. Limits count the larger of the two per row.
+    Column("reserved_tokens", Integer, nullable=False, default=0, server_default="0"),
+    Column("reserved_cost_usd", Float, nullable=False, default=0.0, server_default="0"),
 )
 Index("ix_ferry_gateway_ledger_key_ts", ledger_table.c.key_id, ledger_table.c.ts)
 Index("ix_ferry_gateway_ledger_team_ts", ledger_table.c.team, ledger_table.c.ts)
+# NOTE: the crash sweep looks for pending rows (status 0) every few seconds; without this it would
+# scan the whole ledger.
+Index("ix_ferry_gateway_ledger_status_instance", ledger_table.c.status, ledger_table.c.instance)
+
+# One row per live gateway instance, refreshed every ledger.progress_interval; a row gone stale means
+# its instance died and its pending ledger rows may be settled by the others (recovery.py).
+instances_table = Table(
+    "ferry_gateway_instances", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),  # hostname + PID namespace: where ``pid`` means something
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)
 
 
 def normalize_url(url: str) -> str:
@@ -89,4 +109,33 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a ledger made by an older ferry up to date: add its new columns and indexes.
+
+    NOTE: ``create_all`` skips tables that exist, so a database from before the reservation columns
+    would fail every admission. Only additive changes with defaults are made, and two instances
+    starting at once may race: the loser's "already exists" is expected and ignored.
+    """
+    have = {c["name"] for c in inspect(engine).get_columns(ledger_table.name)}
+    for name in ("reserved_tokens", "reserved_cost_usd"):
+        if name in have:
+            continue
+        column = ledger_table.c[name]
+        ddl = (f"ALTER TABLE {ledger_table.name} ADD COLUMN {name} "
+               f"{column.type.compile(engine.dialect)} NOT NULL DEFAULT 0")
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(ddl))
+        except (OperationalError, ProgrammingError):
+            if name not in {c["name"] for c in inspect(engine).get_columns(ledger_table.name)}:
+                raise
+    for index in ledger_table.indexes:
+        try:
+            index.create(engine, checkfirst=True)
+        except (OperationalError, ProgrammingError):
+            if index.name not in {i["name"] for i in inspect(engine).get_indexes(ledger_table.name)}:
+                raise

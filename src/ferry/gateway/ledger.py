@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, case, func, insert, select, update
+from sqlalchemy import ColumnElement, Engine, case, func, insert, select, update
 
 from ferry.gateway.db import ledger_table
 
+CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever written to the ledger
 GROUP_BY = ("key", "team", "backend", "location", "model", "data_class", "status")
 
 
 def cost_usd(prompt_tokens: int, completion_tokens: int, input_per_mtok: float, output_per_mtok: float) -> float:
     return (prompt_tokens * input_per_mtok + completion_tokens * output_per_mtok) / 1e6
+
+
+def held_tokens() -> ColumnElement[Any]:
+    """What a row counts against TPM: its reservation while in flight, its usage once settled (the
+    larger of the two, so a stream that outgrew its reservation counts what it delivered)."""
+    t = ledger_table.c
+    used = t.prompt_tokens + t.completion_tokens
+    return case((t.reserved_tokens > used, t.reserved_tokens), else_=used)
+
+
+def held_cost() -> ColumnElement[Any]:
+    """What a row counts against budgets, as ``held_tokens`` does for TPM."""
+    t = ledger_table.c
+    return case((t.reserved_cost_usd > t.cost_usd, t.reserved_cost_usd), else_=t.cost_usd)
 
 
 def parse_since(value: str | None) -> float | None:
@@ -77,6 +93,20 @@ class Outcome:
     attempts: int = 0
 
 
+@dataclass(frozen=True)
+class Progress:
+    """What an in-flight stream has delivered so far, billed on its row every few seconds so that a
+    gateway that dies mid-stream leaves a row the others can settle at what the client got."""
+
+    backend: str
+    upstream_model: str
+    location: str
+    overflow: bool
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
 class Ledger:
     def __init__(self, engine: Engine, instance: str) -> None:
         self._engine = engine
@@ -89,9 +119,27 @@ class Ledger:
             return int(conn.execute(insert(ledger_table).values(**values)).inserted_primary_key[0])
 
     def close(self, row_id: int, outcome: Outcome) -> None:
-        values = {k: v for k, v in vars(outcome).items()}
+        """Settle a row: the outcome's usage replaces whatever was held or billed so far.
+
+        NOTE: no ``status = 0`` guard: a row the crash sweep settled while its instance only seemed
+        dead (a long pause) gets its real outcome, which is better than the sweep's guess.
+        """
+        values = {**vars(outcome), "reserved_tokens": 0, "reserved_cost_usd": 0.0}
         with self._engine.begin() as conn:
             conn.execute(update(ledger_table).where(ledger_table.c.id == row_id).values(**values))
+
+    def write_progress(self, progress: Mapping[int, Progress]) -> None:
+        """Bill in-flight rows what they have delivered so far, in one transaction.
+
+        NOTE: only rows still pending: a stream's final ``close`` may commit first, and a late progress
+        write must not put back older numbers over its outcome.
+        """
+        if not progress:
+            return
+        t = ledger_table.c
+        with self._engine.begin() as conn:
+            for row_id, p in progress.items():
+                conn.execute(update(ledger_table).where(t.id == row_id, t.status == 0).values(**asdict(p)))
 
     def rows(self, since: float | None = None) -> list[dict[str, Any]]:
         q = select(ledger_table).order_by(ledger_table.c.id)
@@ -114,6 +162,7 @@ class Ledger:
             func.coalesce(func.sum(t.completion_tokens), 0).label("completion_tokens"),
             func.coalesce(func.sum(t.cost_usd), 0.0).label("cost_usd"),
             func.sum(case((t.overflow.is_(True), 1), else_=0)).label("overflow"),
+            func.coalesce(func.sum(t.reserved_cost_usd), 0.0).label("reserved_usd"),
         ).group_by(col).order_by(func.coalesce(func.sum(t.cost_usd), 0.0).desc())
         if since is not None:
             q = q.where(t.ts >= since)
@@ -126,6 +175,7 @@ class Ledger:
                 d["prompt_tokens"] = int(d["prompt_tokens"])
                 d["completion_tokens"] = int(d["completion_tokens"])
                 d["cost_usd"] = float(d["cost_usd"])
+                d["reserved_usd"] = float(d["reserved_usd"])  # held by requests still in flight
                 out.append(d)
         return out
 

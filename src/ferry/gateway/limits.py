@@ -5,10 +5,12 @@ transaction that holds the key's row lock (``SELECT … FOR UPDATE`` on PostgreS
 the team when a team budget applies; ``BEGIN IMMEDIATE`` on SQLite), so gateway instances sharing a
 database enforce one limit, not one each.
 
-The pending row carries a reservation: an estimate of the request's tokens and its cost at the
-dearest deployment it may use. TPM and budgets count it like recorded usage, so a burst of
-concurrent requests cannot all pass a check that sees none of the others; when the request ends,
-``Ledger.close`` writes the upstream's actual usage over the estimate.
+The pending row carries a reservation (``reservation.py``): the most tokens the request can use and
+their cost at the dearest deployment it may use. TPM and budgets count it until ``Ledger.close``
+settles the row to the upstream's actual usage. A request is admitted while what its key (and team)
+has used or holds is below the limit. Each admitted request is counted by the next admission, and
+none uses more than it holds, so a limit is passed by at most the last admitted request's own usage,
+never by a burst.
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ from sqlalchemy import Engine, func, insert, select
 from ferry.gateway.config import GatewayConfig, ModelRoute
 from ferry.gateway.db import keys_table, ledger_table
 from ferry.gateway.keys import KeyRecord
-from ferry.gateway.ledger import LedgerRow, cost_usd
+from ferry.gateway.ledger import LedgerRow, cost_usd, held_cost, held_tokens
 
 WINDOW_S = 60.0
-CHARS_PER_TOKEN = 4  # NOTE: a tokenizer-free estimate; English text averages about 4 characters a token
-# NOTE: a chat request without max_tokens may run to the context's end; reserving all of it would
-# refuse most bursts, reserving nothing would let them through, so a typical long answer is reserved.
+# NOTE: CHARS_PER_TOKEN, DEFAULT_CHAT_COMPLETION_TOKENS and ``estimate`` are a typical-size guess, not a
+# bound ("hi" and its chat template cost ~30 tokens, not 1): admission no longer uses them, it
+# reserves ``reservation.Reserver``'s upper bound. They stay for callers that want a typical size.
+CHARS_PER_TOKEN = 4
 DEFAULT_CHAT_COMPLETION_TOKENS = 512
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """What a request is expected to use, reserved in its pending ledger row until it ends."""
+    """What a request may use at most, reserved in its pending ledger row until it ends."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -102,6 +105,13 @@ class Limits:
         self._team_budgets = team_budgets
         self._postgres = engine.dialect.name == "postgresql"
 
+    def counts_usage(self, key: KeyRecord | None) -> bool:
+        """Whether a request of ``key`` is held to a TPM limit or a budget (its reservation matters)."""
+        if key is None:
+            return False
+        team_budget = self._team_budgets.get(key.team) if key.team else None
+        return key.tpm is not None or key.budget_usd is not None or team_budget is not None
+
     def admit(self, key: KeyRecord | None, row: LedgerRow, reserve: Estimate = Estimate(),
               now: float | None = None) -> Admission | Refusal:
         """Check the key's limits and, in the same transaction, insert the request's ledger row
@@ -120,7 +130,7 @@ class Limits:
                     who = keys_table.c.team == key.team if team_budget is not None else keys_table.c.id == key.id
                     conn.execute(select(keys_table.c.id).where(who).order_by(keys_table.c.id).with_for_update())
                 window = conn.execute(
-                    select(t.ts, t.prompt_tokens + t.completion_tokens)
+                    select(t.ts, held_tokens())
                     .where(t.key_id == key.id, t.admitted.is_(True), t.ts > now - WINDOW_S)
                     .order_by(t.ts)).all()
                 if key.rpm is not None and len(window) >= key.rpm:
@@ -139,13 +149,13 @@ class Limits:
                         refusal = ("tpm", f"rate limit: key {key.name!r} allows {key.tpm} tokens per minute "
                                           f"and has used or reserved {sum(int(n) for _, n in window)}", retry)
                 if refusal is None and key.budget_usd is not None:
-                    spent = conn.execute(select(func.coalesce(func.sum(t.cost_usd), 0.0))
+                    spent = conn.execute(select(func.coalesce(func.sum(held_cost()), 0.0))
                                          .where(t.key_id == key.id)).scalar_one()
                     if spent >= key.budget_usd:
                         refusal = ("budget_key", f"budget exceeded: key {key.name!r} has spent or reserved "
                                                  f"${spent:.6f} of its ${key.budget_usd:g} budget", None)
                 if refusal is None and team_budget is not None:
-                    spent = conn.execute(select(func.coalesce(func.sum(t.cost_usd), 0.0))
+                    spent = conn.execute(select(func.coalesce(func.sum(held_cost()), 0.0))
                                          .where(t.team == key.team)).scalar_one()
                     if spent >= team_budget:
                         refusal = ("budget_team", f"budget exceeded: team {key.team!r} has spent or reserved "
@@ -158,6 +168,7 @@ class Limits:
                 return Refusal(reason, message, retry, int(row_id))
             pending = replace(row, status=0, reason=None)
             row_id = conn.execute(insert(ledger_table).values(
-                **base, **pending.columns(), admitted=True, prompt_tokens=reserve.prompt_tokens,
-                completion_tokens=reserve.completion_tokens, cost_usd=reserve.cost_usd)).inserted_primary_key[0]
+                **base, **pending.columns(), admitted=True,
+                reserved_tokens=reserve.prompt_tokens + reserve.completion_tokens,
+                reserved_cost_usd=reserve.cost_usd)).inserted_primary_key[0]
             return Admission(int(row_id))

@@ -41,6 +41,10 @@ class GatewayMetrics:
                                 registry=r)
         self.blocked = Counter("ferry_gateway:blocked", "requests refused before any backend", ["reason"],
                                registry=r)
+        # NOTE: one count per detector that fired on a request (several per request at most);
+        # "scan_failed:<reason>" counts bodies that could not be classified and were kept on-prem.
+        self.pii_detections = Counter("ferry_gateway:pii_detections", "requests on which a PII detector fired",
+                                      ["detector"], registry=r)
         self.failovers = Counter("ferry_gateway:failovers", "attempts that failed and moved on", ["backend"],
                                  registry=r)
         self.cost = Counter("ferry_gateway:cost_usd", "spend in USD, on-prem amortized cost included",

@@ -25,16 +25,17 @@ from ferry.disconnect import ClientDisconnected, race_disconnect
 from ferry.gateway.backends import UpstreamError
 from ferry.gateway.config import ModelRoute
 from ferry.gateway.data_class import DataClassDecision
-from ferry.gateway.ledger import Outcome, cost_usd
+from ferry.gateway.ledger import CLIENT_CLOSED, Outcome, Progress, cost_usd
+from ferry.gateway.limits import Estimate
 from ferry.gateway.routing import NoRoute
 from ferry.gateway.routing.router import Reservation
 from ferry.gateway.stages import Refused, run_stages
 from ferry.gateway.state import Gateway
+from ferry.gateway.token_bounds import answer_bytes, delivered_tokens
 from ferry.openai_errors import OpenAIError
 from ferry.sse import DONE, SSEError, SSEResponse, aiter_sse_data, sse_event
 
 log = logging.getLogger("ferry.gateway")
-CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever written to the ledger
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _Context:
     stream: bool
     row_id: int
     t0: float  # monotonic start
+    reserve: Estimate = field(default_factory=Estimate)
     attempts: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -170,6 +172,7 @@ class _StreamEnd:
     status: int = CLIENT_CLOSED  # until the stream says otherwise, the client left
     reason: str | None = "client disconnected mid-stream"
     closed: bool = False
+    delivered: int = 0  # completion tokens that reached the client, counted from the chunks
 
 
 class InferenceHandler:
@@ -181,7 +184,7 @@ class InferenceHandler:
         admitted = await run_stages(self.gw, request, endpoint)
         if isinstance(admitted, Refused):
             return await self._reject(admitted)
-        ctx = _Context(self.gw, admitted.decision, admitted.stream, admitted.row_id, t0)
+        ctx = _Context(self.gw, admitted.decision, admitted.stream, admitted.row_id, t0, admitted.reserve)
         try:
             return await race_disconnect(request, self._dispatch(ctx, admitted.route, admitted.body, endpoint))
         except ClientDisconnected:
@@ -302,10 +305,12 @@ class InferenceHandler:
 
     async def _complete(self, ctx: _Context, res: Reservation, raw: bytes) -> Response:
         try:
-            usage = _usage(json.loads(raw))
+            answer = json.loads(raw)
         except json.JSONDecodeError:
-            usage = None
-        await ctx.finish(self._outcome(res, 200, usage, reason=None if usage else "upstream reported no usage"))
+            answer = None
+        usage = _usage(answer)
+        billed = usage or (ctx.reserve.prompt_tokens, min(ctx.reserve.completion_tokens, answer_bytes(answer)))
+        await ctx.finish(self._outcome(res, 200, billed, reason=None if usage else "upstream reported no usage"))
         return Response(raw, status_code=200, media_type="application/json", headers=self._headers(ctx, res))
 
     def _stream_response(self, ctx: _Context, res: Reservation, opened: _Stream, body: dict[str, Any]) -> Response:
@@ -314,6 +319,24 @@ class InferenceHandler:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         ttft = time.monotonic() - ctx.t0
         end = _StreamEnd(opened.usage)
+        cand = res.candidate
+
+        def billed() -> tuple[int, int] | None:
+            """The upstream's usage; without it, what reached the client (the prompt as reserved:
+            exact where the backend counted it, else its upper bound)."""
+            if end.usage is not None:
+                return end.usage
+            return (ctx.reserve.prompt_tokens, end.delivered) if end.delivered else None
+
+        def delivered(event: Any) -> None:
+            """Count a chunk that reached the client; the keeper writes the count to the row."""
+            if (n := delivered_tokens(event)) == 0:
+                return
+            end.delivered += n
+            p, c = billed() or (0, 0)
+            gw.inflight.report(ctx.row_id, Progress(
+                cand.backend.name, cand.deployment.model, cand.location, res.overflow, p, c,
+                cost_usd(p, c, cand.input_per_mtok, cand.output_per_mtok)))
 
         def frame(payload: str, event: Any) -> str | None:
             """What the client gets for one upstream event; None drops it."""
@@ -336,31 +359,55 @@ class InferenceHandler:
             finally:
                 # NOTE: a failing close must not leak the backend's slot or leave the row pending.
                 gw.router.release(backend)
-                await ctx.finish(self._outcome(res, end.status, end.usage, ttft_s=ttft, reason=end.reason))
+                gw.inflight.discard(ctx.row_id)
+                await ctx.finish(self._outcome(res, end.status, billed(), ttft_s=ttft, reason=end.reason))
+
+        error_event: str | None = None  # an upstream error event passed through mid-stream
+        settled = False
+
+        def settle() -> None:
+            """The upstream stream ended: decide its outcome once.
+
+            NOTE: called before ``[DONE]`` is yielded, not after: a client that hangs up as soon as it
+            reads ``[DONE]`` cancels this generator at that yield, and a complete answer must not be
+            recorded as a client disconnect.
+            """
+            nonlocal settled
+            if settled:
+                return
+            settled = True
+            if error_event is not None:
+                # NOTE: the client saw the error event, so it is not a 200 even though the stream ended cleanly.
+                end.status = 502
+                end.reason = f"upstream {backend.name} sent an error mid-stream: {error_event[:300]}"
+                backend.breaker.record_failure()
+            else:
+                end.status = 200
+                end.reason = None if end.usage else "upstream reported no usage"
+                backend.breaker.record_success()
 
         async def events() -> AsyncIterator[str]:
-            error_event: str | None = None  # an upstream error event passed through mid-stream
+            nonlocal error_event
             try:
                 for payload in opened.buffered:
-                    if (out := frame(payload, _event(payload))) is not None:
+                    event = _event(payload)
+                    if payload == DONE:
+                        settle()
+                    if (out := frame(payload, event)) is not None:
                         yield out
+                        delivered(event)
                 if not opened.done:
                     async for payload in opened.events:
                         event = _event(payload)
                         end.usage = _usage(event) or end.usage
                         if _is_error_event(event):
                             error_event = error_event or payload
+                        if payload == DONE:
+                            settle()
                         if (out := frame(payload, event)) is not None:
                             yield out
-                if error_event is not None:
-                    # NOTE: the client saw the error event, so it is not a 200 even though the stream ended cleanly.
-                    end.status = 502
-                    end.reason = f"upstream {backend.name} sent an error mid-stream: {error_event[:300]}"
-                    backend.breaker.record_failure()
-                else:
-                    end.status = 200
-                    end.reason = None if end.usage else "upstream reported no usage"
-                    backend.breaker.record_success()
+                            delivered(event)
+                settle()
             except httpx.HTTPError as e:
                 # NOTE: tokens already reached the client, so failing over would splice two answers.
                 end.status = 502

@@ -9,19 +9,24 @@ which ``InferenceHandler`` records in one place (metric, ledger row, OpenAI-shap
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
+import logging
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import anyio.to_thread
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
+from ferry.gateway.bodies import check_body
 from ferry.gateway.config import ModelRoute
 from ferry.gateway.data_class import HEADER, DataClassDecision, UnknownDataClass
 from ferry.gateway.keys import KeyRecord
-from ferry.gateway.ledger import LedgerRow
-from ferry.gateway.limits import Refusal, dearest_prices, estimate
+from ferry.gateway.ledger import CLIENT_CLOSED, LedgerRow
+from ferry.gateway.limits import Estimate, Refusal
 from ferry.gateway.state import Gateway
-from ferry.openai_errors import OpenAIError
+from ferry.openai_errors import OpenAIError, parse_json_object
+
+log = logging.getLogger("ferry.gateway")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Admitted:
     route: ModelRoute
     decision: DataClassDecision
     row_id: int
+    reserve: Estimate = field(default_factory=Estimate)  # what its row holds; a cut stream's prompt is billed from it
 
     @property
     def stream(self) -> bool:
@@ -89,17 +95,25 @@ async def authenticate(gw: Gateway, request: Request) -> Caller | Rejection:
     return Caller(key)
 
 
-async def parse(request: Request) -> dict[str, Any] | Rejection:
+async def parse(request: Request, endpoint: str) -> dict[str, Any] | Rejection:
+    """The body as a JSON object whose OpenAI fields have OpenAI's types (``gateway.bodies``).
+
+    NOTE: the same strict reading as ``ferry serve``'s: a lone surrogate, nesting past 200 levels, a
+    number out of float range or a non-JSON Content-Type is a 400 here, not a 500 further on.
+    """
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
-        return Rejection(OpenAIError(400, "The body must be a JSON object."), "bad_request",
-                         "body is not a JSON object")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        return Rejection(OpenAIError(400, "stream_options must be an object.", code="invalid_value",
-                                     param="stream_options"), "bad_request", "stream_options is not an object")
+        raw = await request.body()
+    except ClientDisconnect:
+        # NOTE: the client hung up before its body was read (uvicorn then hands out the disconnect
+        # instead of the buffered body): nobody gets the answer, but the ledger and metrics count it.
+        return Rejection(OpenAIError(CLIENT_CLOSED, "client disconnected before its body was read"),
+                         "client_closed", "client disconnected before its body was read")
+    try:
+        body = parse_json_object(raw, request.headers.get("content-type"))
+        check_body(endpoint, body)
+    except OpenAIError as error:
+        log.info("refused a request body: %s", error.message[:300])
+        return Rejection(error, "bad_request", error.message[:300])
     return body
 
 
@@ -117,25 +131,40 @@ def resolve_model(gw: Gateway, caller: Caller, body: dict[str, Any]) -> ModelRou
     return route
 
 
-def data_class(gw: Gateway, caller: Caller, request: Request, body: dict[str, Any]
-               ) -> DataClassDecision | Rejection:
+# NOTE: a body past this many bytes (or of unknown length) is scanned for PII on a worker thread, so
+# a long scan cannot stall the event loop's other requests; small ones skip the thread hop.
+_SCAN_INLINE_BYTES = 64 * 1024
+
+
+async def data_class(gw: Gateway, caller: Caller, request: Request, body: dict[str, Any]
+                     ) -> DataClassDecision | Rejection:
     key_default = caller.key.data_class if caller.key else None
+    header = request.headers.get(HEADER)
+    length = request.headers.get("content-length", "")
     try:
-        return gw.data_classes.decide(key_default, request.headers.get(HEADER), body)
+        if length.isdigit() and int(length) <= _SCAN_INLINE_BYTES:
+            decision = gw.data_classes.decide(key_default, header, body)
+        else:
+            decision = await anyio.to_thread.run_sync(gw.data_classes.decide, key_default, header, body)
     except UnknownDataClass as e:
         reason = f"{HEADER}: {e}"
         return Rejection(OpenAIError(400, reason, code="unknown_data_class"), "bad_request", reason)
+    for kind in decision.pii:
+        gw.metrics.pii_detections.labels(kind).inc()
+    return decision
 
 
 async def admit(gw: Gateway, caller: Caller, body: dict[str, Any], endpoint: str, route: ModelRoute,
-                decision: DataClassDecision, row: LedgerRow) -> int | Rejection:
-    """RPM, TPM and budgets; the pending row's id, or a 429 whose row ``Limits.admit`` wrote."""
-    # NOTE: the backend is chosen after admission, so the reservation is priced at the dearest
-    # deployment this request's data class allows.
-    reserve = estimate(body, endpoint, *dearest_prices(gw.config, route, decision.locations))
+                decision: DataClassDecision, row: LedgerRow) -> tuple[int, Estimate] | Rejection:
+    """RPM, TPM and budgets; the pending row's id and reservation, or a 429 whose row ``Limits.admit`` wrote."""
+    # NOTE: the backend is chosen after admission, so the reservation is the most the request may
+    # use on any deployment its data class allows (reservation.py); counted exactly by the backends
+    # only where a TPM limit or a budget will look at it.
+    reserve = await gw.reserver.estimate(body, endpoint, route, decision.locations,
+                                         exact=gw.limits.counts_usage(caller.key))
     admitted = await gw.db(gw.limits.admit, caller.key, row, reserve)
     if not isinstance(admitted, Refusal):
-        return admitted.row_id
+        return admitted.row_id, reserve
     if admitted.retry_after is not None:
         error = OpenAIError(429, admitted.message, code="rate_limit_exceeded",
                             headers={"Retry-After": str(admitted.retry_after)})
@@ -149,7 +178,7 @@ async def run_stages(gw: Gateway, request: Request, endpoint: str) -> Admitted |
     if isinstance(caller, Rejection):
         return Refused(caller, LedgerRow())
     row = caller.row()
-    body = await parse(request)
+    body = await parse(request, endpoint)
     if isinstance(body, Rejection):
         return Refused(body, row)
     model = body.get("model")
@@ -157,11 +186,11 @@ async def run_stages(gw: Gateway, request: Request, endpoint: str) -> Admitted |
     route = resolve_model(gw, caller, body)
     if isinstance(route, Rejection):
         return Refused(route, row)
-    decision = data_class(gw, caller, request, body)
+    decision = await data_class(gw, caller, request, body)
     if isinstance(decision, Rejection):
         return Refused(decision, row)
     row = replace(row, data_class=decision.name, pii=bool(decision.pii), pii_kinds=",".join(decision.pii) or None)
-    row_id = await admit(gw, caller, body, endpoint, route, decision, row)
-    if isinstance(row_id, Rejection):
-        return Refused(row_id, row)
-    return Admitted(caller, body, route, decision, row_id)
+    admitted = await admit(gw, caller, body, endpoint, route, decision, row)
+    if isinstance(admitted, Rejection):
+        return Refused(admitted, row)
+    return Admitted(caller, body, route, decision, *admitted)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -16,13 +17,17 @@ from ferry.gateway.config import GatewayConfig
 from ferry.gateway.data_class import DataClassPolicy
 from ferry.gateway.db import make_engine
 from ferry.gateway.health import HealthMonitor
+from ferry.gateway.keeper import InFlight, LedgerKeeper
 from ferry.gateway.keys import KeyStore
 from ferry.gateway.ledger import Ledger
 from ferry.gateway.limits import Limits
 from ferry.gateway.metrics import GatewayMetrics
+from ferry.gateway.recovery import Instances
+from ferry.gateway.reservation import Reserver
 from ferry.gateway.routing import Router, make_policy
 
 T = TypeVar("T")
+log = logging.getLogger("ferry.gateway")
 
 
 class Gateway:
@@ -42,6 +47,10 @@ class Gateway:
         self.backends: dict[str, Backend] = {b.name: make_backend(b, config.health, env, transport)
                                              for b in config.backends}
         self.router = Router(config, self.backends, make_policy(config.routing.policy))
+        self.reserver = Reserver(config, self.backends)
+        self.inflight = InFlight()  # streams' delivered tokens, written to their rows by the keeper
+        self.keeper = LedgerKeeper(self.ledger, Instances(self.engine, self.instance, config.ledger.instance_lease),
+                                   self.inflight, config.ledger.progress_interval)
         self.metrics = GatewayMetrics(self.backends)
         self.monitor = HealthMonitor(list(self.backends.values()), config.health, config.routing.metrics_interval,
                                      self.router.notify)
@@ -53,12 +62,21 @@ class Gateway:
         return secret is not None and hmac.compare_digest(secret.encode(), self.master_key.encode())
 
     async def start(self) -> None:
+        # NOTE: before serving: rows an earlier run of this instance left in flight are settled, and
+        # the heartbeat that keeps other instances off this one's rows is running.
+        await self.keeper.start()
         # NOTE: one scrape before serving, so the first requests already see the replicas' load.
         await self.monitor.scrape_once()
         self.monitor.start()
 
     async def stop(self) -> None:
         await self.monitor.stop()
+        try:
+            await self.keeper.stop()
+        except Exception:
+            # NOTE: a database gone at shutdown must not keep the backends open; the rows this left
+            # pending are settled by the next start of this instance or by a live peer.
+            log.exception("could not settle this instance's in-flight ledger rows at shutdown")
         await asyncio.gather(*(b.aclose() for b in self.backends.values()))
         self.engine.dispose()
 
