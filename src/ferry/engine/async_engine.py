@@ -6,6 +6,8 @@
 
 The step loop never runs on the event loop, so /health and /metrics answer while it computes.
 A consumer that stops iterating (client disconnect) aborts its request, freeing its blocks.
+``shutdown(reason=...)`` fails every open stream at once with ``EngineStoppedError`` (from the
+calling thread, so a long step cannot delay it), then stops the loop.
 
 NOTE: ``ferry serve`` runs the step loop on the process's *main* thread (``run_forever``) and the
 HTTP event loop on a second thread: PyTorch's OpenMP pool pays ~90 us extra per small matmul when
@@ -44,13 +46,19 @@ class EngineDeadError(EngineError):
     """The engine thread is not running."""
 
 
+class EngineStoppedError(EngineDeadError):
+    """The engine was shut down on purpose (``shutdown()``: the server is draining), not crashed."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        # NOTE: a closed loop has no consumer left to tell (the HTTP thread is gone).
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class AsyncEngine:
@@ -60,7 +68,13 @@ class AsyncEngine:
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self._inbox: queue.Queue[EngineMessage] = queue.Queue()
+        # NOTE: ``_lock`` orders opening a stream against closing them all, so that no stream can
+        # be opened after the sweep that fails every open one (it would wait forever). It is held
+        # for a dict operation only, and never taken in a signal handler.
+        self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
+        self._closed: tuple[type[EngineDeadError], str] | None = None  # why no stream may open
+        self._live: set[str] = set()  # requests the core holds (engine thread only)
         self._thread: threading.Thread | None = None  # the thread running the loop
         self._running = threading.Event()
         self._stopped = threading.Event()
@@ -89,12 +103,21 @@ class AsyncEngine:
         self._thread = threading.current_thread()
         self._run()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop, failing unfinished requests; waits up to ``timeout`` for it to end."""
-        if not self._running.is_set():
-            return
+    def shutdown(self, timeout: float = 10.0, *, reason: str = "the engine shut down") -> None:
+        """Stop the loop; waits up to ``timeout`` for it to end (not when called from the loop).
+
+        Every open stream fails at once with ``EngineStoppedError(reason)``, and so does every
+        later ``generate``: the streams are failed from the calling thread, not by the engine
+        thread, which may be inside a long step. The engine thread then aborts what the core still
+        holds and returns. Safe from any thread, but not from a signal handler (it takes locks the
+        interrupted thread may hold).
+        """
+        self._close(EngineStoppedError, reason)
+        # NOTE: queued even before the loop runs: ``ferry serve`` may be about to call
+        # ``run_forever`` (it loads, checks that HTTP is up, then runs the loop), which must then
+        # return at once instead of running with nobody left to stop it.
         self._inbox.put(Shutdown())
-        if threading.current_thread() is not self._thread:
+        if self._running.is_set() and threading.current_thread() is not self._thread:
             self._stopped.wait(timeout)
 
     @property
@@ -104,20 +127,19 @@ class AsyncEngine:
     # -- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
-        if request_id in self._streams:
-            raise ValueError(f"duplicate request id {request_id!r}")
+        self._check_open(request_id)
         state = self.engine.make_request(request_id, prompt, params)  # ValueError on bad input
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
+        with self._lock:
+            self._check_open(request_id)  # again: the engine may have closed meanwhile
+            self._streams[request_id] = stream
         self._inbox.put(AddRequest(state))
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
-                    finished = True  # the engine already dropped it
+                    finished = True  # the engine dropped it (or is shutting down: it will)
                     raise item
                 finished = item.finished
                 yield item
@@ -130,6 +152,25 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(AbortRequest(request_id))
+
+    def _check_open(self, request_id: str) -> None:
+        if self._closed is not None:
+            kind, reason = self._closed
+            raise kind(reason)
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+
+    def _close(self, kind: type[EngineDeadError], reason: str) -> None:
+        """Fail every open stream with ``kind(reason)`` and refuse new ones (any thread; once)."""
+        with self._lock:
+            if self._closed is not None:
+                return
+            self._closed = (kind, reason)
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.put(kind(reason))  # one exception per stream: each gets its own traceback
 
     def stats(self) -> EngineStats:
         """A snapshot taken by the engine thread after its latest step."""
@@ -144,9 +185,9 @@ class AsyncEngine:
             # client waiting on a silent thread: fail them all and report the engine dead.
             logger.exception("engine loop crashed")
             self.dead_reason = f"{type(exc).__name__}: {exc}"
-            for request_id in list(self._streams):
-                self._fail(request_id, EngineDeadError(f"the engine crashed: {self.dead_reason}"))
+            self._close(EngineDeadError, f"the engine crashed: {self.dead_reason}")
         finally:
+            self._close(EngineStoppedError, "the engine shut down")  # no-op when already closed
             self._stopped.set()
 
     def _loop(self) -> None:
@@ -176,11 +217,14 @@ class AsyncEngine:
             return True
         if isinstance(message, AbortRequest):
             self.engine.abort_request(message.request_id)
+            self._live.discard(message.request_id)
             return False
         try:
             self.engine.add(message.state)
         except ValueError as exc:  # e.g. needs more KV blocks than the pool has
             self._fail(message.state.request_id, exc)
+            return False
+        self._live.add(message.state.request_id)
         return False
 
     def _step(self) -> None:
@@ -190,9 +234,12 @@ class AsyncEngine:
             parents = {parent_request_id(rid) for rid in exc.request_ids}
             for parent in parents:
                 self.engine.abort_request(parent)
+                self._live.discard(parent)
                 self._fail(parent, EngineError(str(exc)))
             return
         for out in outputs:
+            if out.finished:
+                self._live.discard(out.request_id)
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put(out)
@@ -203,6 +250,8 @@ class AsyncEngine:
             stream.put(exc)
 
     def _abort_all(self) -> None:
-        for request_id in list(self._streams):
+        """Free what the core holds; ``shutdown()`` has already failed the streams."""
+        for request_id in list(self._live):
             self.engine.abort_request(request_id)
-            self._fail(request_id, EngineDeadError("the engine shut down"))
+        self._live.clear()
+        self._stats = self.engine.stats()

@@ -2,8 +2,13 @@
 
 Start-up: uvicorn binds at once and ``/health`` answers 503 while the model loads in a thread.
 Shutdown on SIGTERM/SIGINT: new requests get 503, running ones may finish for up to
-``--shutdown-timeout`` seconds, then the server stops and the process exits 0. A second signal stops
-at once.
+``--shutdown-timeout`` seconds; those still running then end with an in-band error event
+(``server_shutting_down``) and ``[DONE]``, the server stops and the process exits 0. A second signal
+ends them at once.
+
+Threads: the engine loop owns the main thread, HTTP runs on ``ferry-http``. Python runs signal
+handlers on the main thread, in between two bytecodes of the engine loop, so ``handle_exit`` only
+hands the signal over to the HTTP event loop; the drain runs there.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import Future
 from types import FrameType
 
@@ -122,8 +126,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
 class DrainingServer(uvicorn.Server):
     """uvicorn with a drain phase before its own shutdown, and exit code 1 if the model fails."""
 
-    # NOTE: after the drain, uvicorn still waits this long for open connections to finish sending.
+    # NOTE: after the drain, uvicorn still waits this long for open connections to finish sending;
+    # it is also what streams ended at the deadline get to send their error event and [DONE].
     GRACE_S = 2.0
+    # what a request the server ends gets in its server_shutting_down error
+    TIMED_OUT = "The server is shutting down: this request was still running at --shutdown-timeout."
+    STOPPED = "The server is shutting down now (a second signal)."
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
@@ -142,30 +150,65 @@ class DrainingServer(uvicorn.Server):
             self._watch_task.cancel()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # NOTE: we do not record the signal in uvicorn's `_captured_signals`: uvicorn would re-raise
-        # it after serving, and the default SIGTERM action would turn our clean exit into -15.
-        if self._drain_task is not None or self._loop is None:
-            logger.warning("second signal %s: stopping now", signal.Signals(sig).name)
-            self.should_exit = True
-            self.force_exit = sig == signal.SIGINT
-            return
-        logger.info("signal %s: draining (no new requests, up to %.0fs for running ones)",
-                    signal.Signals(sig).name, self.state.config.shutdown_timeout)
-        self._loop.call_soon_threadsafe(self._begin_drain)
+        """The signal handler: hand the signal to the HTTP event loop, nothing else.
 
-    def _begin_drain(self) -> None:
-        if self._drain_task is None and self._loop is not None:
-            self._drain_task = self._loop.create_task(self._drain())
+        NOTE: Python runs this on the main thread, which under ``ferry serve`` is the engine loop,
+        in between any two of its bytecodes: maybe while it holds the inbox queue's lock, or in the
+        middle of a write to stderr. So it must not log, take a lock, or touch the engine or the
+        server's state; ``call_soon_threadsafe`` only appends to a deque and writes one byte to the
+        loop's self-pipe. Everything else happens in ``_on_signal``, on the event loop's thread.
+        NOTE: the signal is not recorded in uvicorn's ``_captured_signals``: uvicorn would re-raise
+        it after serving, and the default SIGTERM action would turn our clean exit into -15.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.should_exit = True  # not serving yet (uvicorn then never starts), or not any more
+            return
+        try:
+            loop.call_soon_threadsafe(self._on_signal, sig)
+        except RuntimeError:  # NOTE: the loop closed since the check: HTTP is over already
+            self.should_exit = True
+
+    def _on_signal(self, sig: int) -> None:
+        """A signal, on the event loop: the first one drains, a later one stops at once."""
+        name = signal.Signals(sig).name
+        if self._drain_task is None and not self.should_exit:
+            logger.info("signal %s: draining (no new requests, up to %gs for running ones)",
+                        name, self.state.config.shutdown_timeout)
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+            return
+        logger.warning("signal %s while stopping: ending running requests now", name)
+        self.state.draining = True
+        self._end_streams(self.STOPPED)
+        self.should_exit = True
+        self.force_exit = sig == signal.SIGINT  # a second Ctrl-C does not wait for the sockets
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        admission = self.state.admission
         self.state.draining = True
-        deadline = time.monotonic() + self.state.config.shutdown_timeout
-        while self.state.admission.in_flight > 0 and time.monotonic() < deadline:
+        deadline = loop.time() + self.state.config.shutdown_timeout
+        while admission.in_flight > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        left = self.state.admission.in_flight
-        if left:
-            logger.warning("shutdown timeout: aborting %d sequences still in flight", left)
+        if admission.in_flight:
+            logger.warning("shutdown timeout: ending %d sequences still in flight",
+                           admission.in_flight)
+            self._end_streams(self.TIMED_OUT)
+            # NOTE: each ended stream now sends its error event and [DONE] and gives its units
+            # back; wait for that (bounded) so that uvicorn's own shutdown finds them finished.
+            deadline = loop.time() + self.GRACE_S
+            while admission.in_flight > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.02)
         self.should_exit = True
+
+    def _end_streams(self, reason: str) -> None:
+        """Fail every open engine stream with ``EngineStoppedError``: the routes turn it into an
+        in-band ``server_shutting_down`` error event and [DONE] (a 503 before the status line)."""
+        engine = self.state.engine
+        if engine is not None:
+            # NOTE: timeout=0: never block the event loop. The streams are failed from this thread
+            # at once; the engine thread frees their blocks and returns at its next message check.
+            engine.shutdown(timeout=0, reason=reason)
 
     async def _watch_load(self) -> None:
         while not self.should_exit:

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from fastapi import Request, Response
 
 from ferry.disconnect import ClientDisconnected, race_disconnect
+from ferry.engine.async_engine import EngineStoppedError
 from ferry.openai_errors import OpenAIError
 from ferry.outputs import RequestOutput
 from ferry.server.generation import Generation, engine_error, log_info
@@ -38,7 +39,7 @@ async def run_blocking(request: Request, gen: Generation) -> list[RequestOutput]
         except OpenAIError:
             raise
         except Exception as exc:  # the engine failed this request: 400/500, others go on
-            raise engine_error(exc, gen.request_id) from exc
+            raise error_of(exc, gen.request_id) from exc
     finally:
         await gen.aclose()
     fill_log(request, outputs, gen)
@@ -56,6 +57,19 @@ async def stream_response(request: Request, gen: Generation, on_output: OnOutput
     if stream is None:
         return Response(status_code=CLIENT_CLOSED)
     return SSEResponse(_events(gen.request_id, first, stream, on_output, on_end), on_close=gen.aclose)
+
+
+def error_of(exc: Exception, request_id: str) -> OpenAIError:
+    """The error the client sees for an exception out of a generation.
+
+    A stream the server ended while shutting down (``EngineStoppedError``: the drain deadline, a
+    second signal) is a 503 ``server_shutting_down``, the code new requests get meanwhile.
+    """
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, EngineStoppedError):
+        return OpenAIError(503, str(exc), code="server_shutting_down")
+    return engine_error(exc, request_id)
 
 
 def fill_log(request: Request, outputs: list[RequestOutput], gen: Generation) -> None:
@@ -93,7 +107,7 @@ async def _prime(request: Request,
         raise
     except Exception as exc:
         await gen.aclose()
-        raise engine_error(exc, gen.request_id) from exc
+        raise error_of(exc, gen.request_id) from exc
     return stream, first
 
 
@@ -111,8 +125,7 @@ async def _events(request_id: str, first: Output | None, stream: AsyncIterator[O
         for event in on_end(list(lasts.values())):
             yield event
     except Exception as exc:  # reported in-band: the status line is already sent
-        error = exc if isinstance(exc, OpenAIError) else engine_error(exc, request_id)
-        yield sse_event(error.body())
+        yield sse_event(error_of(exc, request_id).body())
     yield SSE_DONE
 
 
