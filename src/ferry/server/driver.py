@@ -12,7 +12,6 @@ from contextlib import aclosing
 from fastapi import Request, Response
 
 from ferry.disconnect import ClientDisconnected, race_disconnect
-from ferry.engine.async_engine import EngineStoppedError
 from ferry.openai_errors import OpenAIError
 from ferry.outputs import RequestOutput
 from ferry.server.generation import Generation, engine_error, log_info
@@ -60,15 +59,9 @@ async def stream_response(request: Request, gen: Generation, on_output: OnOutput
 
 
 def error_of(exc: Exception, request_id: str) -> OpenAIError:
-    """The error the client sees for an exception out of a generation.
-
-    A stream the server ended while shutting down (``EngineStoppedError``: the drain deadline, a
-    second signal) is a 503 ``server_shutting_down``, the code new requests get meanwhile.
-    """
+    """The error the client sees for an exception out of a generation (``engine_error``)."""
     if isinstance(exc, OpenAIError):
         return exc
-    if isinstance(exc, EngineStoppedError):
-        return OpenAIError(503, str(exc), code="server_shutting_down")
     return engine_error(exc, request_id)
 
 

@@ -15,7 +15,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from ferry.batch.request import child_request_id
-from ferry.engine.async_engine import AsyncEngine, EngineDeadError
+from ferry.engine.async_engine import AsyncEngine, EngineDeadError, EngineStoppedError
 from ferry.openai_errors import OpenAIError, bad_request
 from ferry.outputs import RequestOutput
 from ferry.sampling_params import SamplingParams
@@ -34,6 +34,10 @@ def engine_error(exc: Exception, request_id: str) -> OpenAIError:
     """Map an exception raised by ``engine.generate`` to the HTTP error the client sees."""
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
+    if isinstance(exc, EngineStoppedError):
+        # NOTE: the server ended it while shutting down (the drain deadline, a second signal): the
+        # same 503 code new requests get meanwhile.
+        return OpenAIError(503, str(exc), code="server_shutting_down")
     if isinstance(exc, EngineDeadError):
         return OpenAIError(503, f"The engine is not running: {exc}", code="engine_dead")
     logger.error("engine failed request %s", request_id, exc_info=exc)
