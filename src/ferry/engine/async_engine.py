@@ -74,7 +74,6 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._closed: tuple[type[EngineDeadError], str] | None = None  # why no stream may open
-        self._live: set[str] = set()  # requests the core holds (engine thread only)
         self._thread: threading.Thread | None = None  # the thread running the loop
         self._running = threading.Event()
         self._stopped = threading.Event()
@@ -217,14 +216,11 @@ class AsyncEngine:
             return True
         if isinstance(message, AbortRequest):
             self.engine.abort_request(message.request_id)
-            self._live.discard(message.request_id)
             return False
         try:
             self.engine.add(message.state)
         except ValueError as exc:  # e.g. needs more KV blocks than the pool has
             self._fail(message.state.request_id, exc)
-            return False
-        self._live.add(message.state.request_id)
         return False
 
     def _step(self) -> None:
@@ -234,12 +230,9 @@ class AsyncEngine:
             parents = {parent_request_id(rid) for rid in exc.request_ids}
             for parent in parents:
                 self.engine.abort_request(parent)
-                self._live.discard(parent)
                 self._fail(parent, EngineError(str(exc)))
             return
         for out in outputs:
-            if out.finished:
-                self._live.discard(out.request_id)
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put(out)
@@ -251,7 +244,5 @@ class AsyncEngine:
 
     def _abort_all(self) -> None:
         """Free what the core holds; ``shutdown()`` has already failed the streams."""
-        for request_id in list(self._live):
-            self.engine.abort_request(request_id)
-        self._live.clear()
+        self.engine.abort_all()
         self._stats = self.engine.stats()

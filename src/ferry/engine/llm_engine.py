@@ -110,6 +110,11 @@ class LLMEngine:
             for child in state.children:
                 self.core.finish_request(child.request_id, RequestStatus.FINISHED_ABORTED)
 
+    def abort_all(self) -> None:
+        """Abort every unfinished request and free its blocks (shutdown)."""
+        for request_id in self.processor.request_ids():
+            self.abort_request(request_id)
+
     def step(self) -> list[RequestOutput]:
         outputs, stop_hits = self.processor.process(self.core.step())
         for hit in stop_hits:

@@ -55,6 +55,10 @@ class OutputProcessor:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._states
 
+    def request_ids(self) -> list[str]:
+        """The requests not finished yet (a copy: safe to abort them while iterating)."""
+        return list(self._states)
+
     def add(self, state: RequestState) -> None:
         self._states[state.request_id] = state
         for i, child in enumerate(state.children):

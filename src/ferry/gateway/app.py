@@ -12,12 +12,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ferry.gateway.admin import admin_router
-from ferry.gateway.bodies import publish_bodies, request_body
+from ferry.gateway.bodies import BODIES
 from ferry.gateway.config import GatewayConfig
 from ferry.gateway.proxy import InferenceHandler
 from ferry.gateway.stages import Rejection, authenticate
 from ferry.gateway.state import Gateway
 from ferry.openai_errors import install_error_handlers
+from ferry.openapi_bodies import publish_request_models, request_body
 
 
 def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, instance: str | None = None,
@@ -38,14 +39,14 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
     # NOTE: the server's handlers: unknown routes, 405s, validation errors and unforeseen exceptions
     # leave in OpenAI's error shape too, not FastAPI's {"detail": ...}.
     install_error_handlers(app)
-    publish_bodies(app)
+    publish_request_models(app, list(BODIES.values()))
     handler = InferenceHandler(gw)
 
-    @app.post("/v1/chat/completions", openapi_extra=request_body("chat/completions"))
+    @app.post("/v1/chat/completions", openapi_extra=request_body(BODIES["chat/completions"]))
     async def chat_completions(request: Request) -> Response:
         return await handler(request, "chat/completions")
 
-    @app.post("/v1/completions", openapi_extra=request_body("completions"))
+    @app.post("/v1/completions", openapi_extra=request_body(BODIES["completions"]))
     async def completions(request: Request) -> Response:
         return await handler(request, "completions")
 

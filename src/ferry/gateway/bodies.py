@@ -14,13 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.json_schema import models_json_schema
 
 from ferry.openai_errors import validation_error_to_openai
 
-REF_TEMPLATE = "#/components/schemas/{model}"
 MAX_TOKENS = 2**31 - 1
 
 
@@ -83,27 +80,3 @@ def check_body(endpoint: str, body: dict[str, Any]) -> None:
         BODIES[endpoint].model_validate(body)
     except ValidationError as exc:
         raise validation_error_to_openai(list(exc.errors())) from exc
-
-
-def request_body(endpoint: str) -> dict[str, Any]:
-    """``openapi_extra`` for the route of ``endpoint``: its body's schema, by reference."""
-    ref = REF_TEMPLATE.format(model=BODIES[endpoint].__name__)
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": {"$ref": ref}}}}}
-
-
-def publish_bodies(app: FastAPI) -> None:
-    """Add the bodies' schemas to ``app``'s OpenAPI document (built once, when first asked for)."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            document = generate()  # NOTE: FastAPI caches it in app.openapi_schema
-            _, top = models_json_schema([(m, "validation") for m in BODIES.values()],
-                                        ref_template=REF_TEMPLATE)
-            document.setdefault("components", {}).setdefault("schemas", {}).update(
-                top.get("$defs", {}))
-            app.openapi_schema = document
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

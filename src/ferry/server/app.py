@@ -27,9 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ferry.config import SchedulerConfig, ServerConfig
 from ferry.engine.async_engine import AsyncEngine
 from ferry.openai_errors import OpenAIError, install_error_handlers
+from ferry.openapi_bodies import publish_request_models
 from ferry.server.admission import AdmissionController
 from ferry.server.logging import AccessLogMiddleware
-from ferry.server.openapi import publish_request_models
 from ferry.server.protocol import REQUEST_MODELS
 from ferry.server.routes_admin import router as admin_router
 from ferry.server.routes_chat import router as chat_router

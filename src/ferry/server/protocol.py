@@ -318,6 +318,6 @@ class DetokenizeRequest(_Request):
         return v
 
 
-# Every request body a route reads, for the OpenAPI document (ferry.server.openapi).
+# Every request body a route reads, for the OpenAPI document (ferry.openapi_bodies).
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest,
                                                TokenizeRequest, DetokenizeRequest)

@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 
 from ferry.openai_errors import OpenAIError, bad_request, error_body
+from ferry.openapi_bodies import request_body
 from ferry.server.deps import Engine, State, json_body
 from ferry.server.metrics import CONTENT_TYPE
-from ferry.server.openapi import request_body
 from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
 from ferry.server.responses import DetokenizeResponse, TokenizeResponse
 from ferry.version import __version__

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from jinja2 import TemplateError
 
 from ferry.openai_errors import bad_request
+from ferry.openapi_bodies import request_body
 from ferry.outputs import RequestOutput
 from ferry.server.checks import check_prompt, sampling_params
 from ferry.server.deltas import DeltaTracker
 from ferry.server.deps import Engine, State, json_body
 from ferry.server.driver import fill_log, run_blocking, stream_response
 from ferry.server.generation import Generation
-from ferry.server.openapi import request_body
 from ferry.server.protocol import ChatCompletionRequest
 from ferry.server.responses import (
     ChatChoice,

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 
 from ferry.engine.async_engine import AsyncEngine
+from ferry.openapi_bodies import request_body
 from ferry.outputs import Logprob, RequestOutput
 from ferry.sampling_params import SamplingParams
 from ferry.server.checks import check_prompt, sampling_params
@@ -16,7 +17,6 @@ from ferry.server.deltas import DeltaTracker
 from ferry.server.deps import Engine, State, json_body
 from ferry.server.driver import fill_log, run_blocking, stream_response
 from ferry.server.generation import Generation
-from ferry.server.openapi import request_body
 from ferry.server.protocol import CompletionRequest
 from ferry.server.responses import (
     CompletionChoice,

@@ -1,10 +1,11 @@
-"""The request bodies in ``/openapi.json``.
+"""The request bodies in ``/openapi.json``, for ``ferry serve`` and ``ferry gateway`` alike (a leaf).
 
-A route reads its body through a dependency (``deps.json_body``), not as a FastAPI body parameter,
-so that a bad body is a 400 in OpenAI's shape, checked in a fixed order with the other
-dependencies. FastAPI therefore never sees the request models; this module declares them: a route
-names its model with ``openapi_extra=request_body(Model)``, and ``publish_request_models`` adds the
-models' JSON schemas (and those of the models they nest) under ``components/schemas``.
+Both read a route's body themselves (the server through a dependency, the gateway in its ``parse``
+stage), not as a FastAPI body parameter, so that a bad body is a 400 in OpenAI's shape, checked in
+a fixed order with the rest. FastAPI therefore never sees the request models; this module declares
+them: a route names its model with ``openapi_extra=request_body(Model)``, and
+``publish_request_models`` adds the models' JSON schemas (and those of the models they nest) under
+``components/schemas``.
 """
 
 from __future__ import annotations
