@@ -171,3 +171,53 @@ def test_prefix_stats_count_a_request_once_however_long_it_waits() -> None:
     assert (stats.queries, stats.hits) == (10 + 11, 8)
     kv.free(b)
     assert_all_free(kv)
+
+
+def test_sliding_window_frees_blocks_behind_the_window() -> None:
+    """Window 6, blocks of 4: a query at position p reads (p - 6, p], so once the next query is at
+    position 12 or later, block 0 (positions 0-3) and then block 1 (4-7) are never read again."""
+    kv = KVCacheManager(num_blocks=8, block_size=BS, sliding_window=6)
+    r = make_request("a", list(range(10)), max_tokens=8)
+    assert kv.allocate_slots(r, 10)
+    assert kv.block_ids("a") == [0, 1, 2]  # first query at 0: everything is still needed
+    r.num_computed_tokens = 10
+    r.output_token_ids.append(99)
+    assert kv.allocate_slots(r, 1)  # next query at 10 reads (4, 10]: block 0 is done
+    assert kv.block_ids("a") == [0, 1, 2] and kv.num_free_blocks == 6
+    assert kv._req_blocks["a"][0] is kv._null  # the table keeps its shape; entry 0 is a null entry
+    for pos in (11, 12, 13):
+        r.num_computed_tokens = pos
+        r.output_token_ids.append(pos)
+        assert kv.allocate_slots(r, 1)
+    # next query at 13 reads (7, 13]: blocks 0 and 1 are done; block 3 was added for position 12
+    assert kv.num_free_blocks == 8 - 2
+    assert [b is kv._null for b in kv._req_blocks["a"]] == [True, True, False, False]
+    kv.free(r)  # null entries are not freed twice
+    assert_all_free(kv)
+
+
+def test_sliding_window_freed_blocks_still_serve_prefix_hits() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BS, sliding_window=4)
+    tokens = list(range(100, 112))
+    a = make_request("a", tokens)
+    assert kv.allocate_slots(a, 12)
+    a.num_computed_tokens = 12
+    a.output_token_ids.append(1)
+    assert kv.allocate_slots(a, 1)  # blocks 0 and 1 fall behind the window and are freed, still hashed
+    b = make_request("b", tokens + [7])
+    hit = kv.get_computed_blocks(b)
+    assert hit.num_tokens == 12 and [blk.block_id for blk in hit.blocks][:2] == [0, 1]
+    assert kv.allocate_slots(b, 1, hit)
+    kv.free(a)
+    kv.free(b)
+    assert_all_free(kv)
+
+
+def test_without_a_window_every_block_is_kept() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    r = make_request("a", list(range(16)))
+    assert kv.allocate_slots(r, 16)
+    r.num_computed_tokens = 16
+    r.output_token_ids.append(1)
+    assert kv.allocate_slots(r, 1)
+    assert kv.block_ids("a") == [0, 1, 2, 3, 4] and kv.num_free_blocks == 3

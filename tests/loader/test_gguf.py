@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf_header import write_llama_header
 
 from ferry.kernels.packing import QuantizedTensor
 from ferry.loader import LoadedModel, ModelFormatError, ModelNotFoundError, load_model
@@ -257,20 +258,8 @@ def write_gguf(path: Path, *, arch: str = "llama", tied: bool = False, bias: boo
         types[name] = qtype
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(TOKENS)
-    w.add_token_types([1] * (len(TOKENS) - 2) + [3, 3])
-    w.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    w.add_bos_token_id(len(TOKENS) - 2)
-    w.add_eos_token_id(len(TOKENS) - 1)
+    write_llama_header(w, context=512, hidden=HIDDEN, layers=LAYERS, inter=INTER, heads=HEADS,
+                       kv_heads=KV_HEADS, tokens=TOKENS, merges=["Ġ t", "h e", "Ġt he"])
     for key, value in (metadata or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)
@@ -406,7 +395,7 @@ def test_unpermute_inverts_ggml_permute() -> None:
     ({"extra": {"blk.0.attn_rot_embd.weight": Q.F32}}, "unsupported GGUF tensor"),
     ({"types": {"blk.0.ffn_down.weight": Q.Q8_K}}, "Q8_K"),
     ({"arch": "gpt2"}, "unsupported GGUF architecture"),
-    ({"extra": {"rope_freqs.weight": Q.F32}}, "rope_freqs"),
+    ({"extra": {"rope_freqs.weight": Q.F32}}, "rope_freq_factors has 1024 values"),  # wrong length
 ])
 def test_inconsistent_files_are_format_errors(tmp_path: Path, case: dict[str, Any], match: str) -> None:
     path = tmp_path / "bad.gguf"
@@ -416,8 +405,8 @@ def test_inconsistent_files_are_format_errors(tmp_path: Path, case: dict[str, An
 
 
 def test_keep_quantized_yields_the_same_weights_as_blocks(tmp_path: Path) -> None:
-    """Kernel types (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) come as raw blocks, rows un-permuted; the rest
-    as float32."""
+    """Kernel types (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) come as raw blocks, rows
+    un-permuted; the rest as float32."""
     path = tmp_path / "tiny.gguf"
     expected = write_gguf(path)
     got = dict(load_model(str(path)).weights(keep_quantized=True))
@@ -430,5 +419,5 @@ def test_keep_quantized_yields_the_same_weights_as_blocks(tmp_path: Path) -> Non
             tensor = tensor.dequantize()
         np.testing.assert_array_equal(tensor.numpy(), ref, err_msg=name)
     assert kept == {n for n, t in DEFAULT_TYPES.items()
-                    if t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)}
+                    if t in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)}
     assert "blk.1.attn_k.weight" in kept  # a permuted rope projection kept as blocks

@@ -44,7 +44,7 @@ class EngineCore:
         self.max_model_len = fit_max_model_len(asked_len, self.runner.num_blocks,
                                                config.cache.block_size)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                 config.cache.enable_prefix_caching)
+                                 config.cache.enable_prefix_caching, sliding_window=arch.kv_window)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
 
     def step(self) -> list[EngineCoreOutput]:

@@ -14,11 +14,10 @@ from tqdm.auto import tqdm
 from ferry.config import ArchConfig
 from ferry.jsonfile import read_json_object
 from ferry.loader.base import LoadedModel, ModelFormatError, expected_weight_shapes
+from ferry.loader.hf_variants import GEMMA, MODEL_TYPES, SUPPORTED, TEXT_MODELS, variant_fields
 from ferry.shapes import ShapeError, hf
 from ferry.tokenizer import Tokenizer
 
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_SUPPORTED = frozenset(_MODEL_TYPES.values())
 _INDEX = "model.safetensors.index.json"
 
 
@@ -40,10 +39,11 @@ def arch_from_config(config: Mapping[str, Any], generation: Mapping[str, Any],
                      tokenizer: Tokenizer) -> ArchConfig:
     """``ArchConfig`` from ``config.json`` (+ ``generation_config.json`` eos ids); the shape as
     ``ferry.shapes.shape_from_hf_config`` reads it."""
-    architecture = hf.architecture(config) or _MODEL_TYPES.get(hf.model_type(config), "")
-    if architecture not in _SUPPORTED:
+    architecture = hf.architecture(config) or MODEL_TYPES.get(hf.model_type(config), "")
+    architecture = TEXT_MODELS.get(architecture, architecture)
+    if architecture not in SUPPORTED:
         raise ModelFormatError(f"unsupported architecture {architecture or config.get('model_type')!r}; "
-                               f"supported: {', '.join(sorted(_SUPPORTED))}")
+                               f"ferry runs {', '.join(sorted(SUPPORTED))}")
     if config.get("mlp_bias"):
         raise ModelFormatError("mlp_bias=true is not supported")
     theta, scaling = hf.rope_from_hf_config(config)
@@ -52,7 +52,8 @@ def arch_from_config(config: Mapping[str, Any], generation: Mapping[str, Any],
     try:
         return hf.shape_from_hf_config(
             config, ArchConfig, architecture=architecture, rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta, rope_scaling=scaling, bos_token_id=bos, eos_token_ids=eos)
+            rope_theta=theta, rope_scaling=scaling, bos_token_id=bos, eos_token_ids=eos,
+            **variant_fields(architecture, config))
     except ShapeError as e:
         raise ModelFormatError(f"config.json {e}") from e
     except (TypeError, ValueError) as e:
@@ -77,14 +78,16 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
-def _scan(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Tensor name -> (file, shape), reading only the headers."""
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+def _scan(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Language-model tensor name -> (file, name in the file, shape), reading only the headers."""
+    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    found[key] = (f, tuple(sf.get_slice(key).get_shape()))
+                    name = text_model_name(key)
+                    if name is not None:
+                        found[name] = (f, key, tuple(sf.get_slice(key).get_shape()))
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"{f} is not a readable safetensors file (corrupt or truncated?): {e}") from e
     return found
@@ -114,12 +117,14 @@ def load_safetensors_dir(path: Path, name: str | None = None) -> LoadedModel:
         raise ModelFormatError(f"{path}: weights do not match config.json: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
     for key, shape in expected.items():
-        if found[key][1] != shape:
-            raise ModelFormatError(f"{path}: {key} has shape {list(found[key][1])}, config implies {list(shape)}")
+        if found[key][2] != shape:
+            raise ModelFormatError(f"{path}: {key} has shape {list(found[key][2])}, config implies {list(shape)}")
 
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(found[key][0], []).append(key)
+
+    gemma = arch.architecture in GEMMA
 
     def weights(keep_quantized: bool) -> Iterator[tuple[str, torch.Tensor]]:
         del keep_quantized  # safetensors folders hold no GGUF blocks
@@ -128,11 +133,45 @@ def load_safetensors_dir(path: Path, name: str | None = None) -> LoadedModel:
                 try:
                     with safe_open(str(f), framework="pt", device="cpu") as sf:
                         for key in keys:
-                            tensor = sf.get_tensor(key).to(torch.float32)
+                            tensor = sf.get_tensor(found[key][1]).to(torch.float32)
+                            if gemma and key.endswith("norm.weight"):
+                                # NOTE: Gemma's RMSNorm scales by (1 + weight); ferry's by weight
+                                # (llama.cpp's converter adds the 1 the same way).
+                                tensor = tensor + 1.0
                             bar.update(1)
                             yield key, tensor
                 except SafetensorError as e:
                     raise ModelFormatError(f"{f}: cannot read tensor data: {e}") from e
 
+    native = hf.text_config(config).get("torch_dtype") or config.get("torch_dtype") or config.get("dtype")
     return LoadedModel(name=name or path.name, source=path.resolve(), arch=arch, tokenizer=tokenizer,
-                       weight_iter=weights)
+                       weight_iter=weights, generation_defaults=sampling_defaults(generation),
+                       native_dtype=native if native in ("bfloat16", "float16", "float32") else None)
+
+
+# Multimodal checkpoints whose language model ferry serves on its own (text in, text out): its
+# weights sit under a prefix (transformers 4's on the Hub, 5's in memory), the vision tower and the
+# projector are not read.
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+_NOT_TEXT = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def text_model_name(key: str) -> str | None:
+    """A checkpoint tensor's name as the language model's (``model.layers...``); None for vision."""
+    if key.startswith(_NOT_TEXT):
+        return None
+    for prefix, replacement in _TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return replacement + key[len(prefix):]
+    return key
+
+
+# generation_config.json keys that are sampling defaults (vLLM's --generation-config auto applies the same)
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def sampling_defaults(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling defaults of a ``generation_config.json`` (numbers only; other keys ignored)."""
+    return {k: generation[k] for k in _SAMPLING_KEYS
+            if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)}

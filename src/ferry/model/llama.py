@@ -1,8 +1,12 @@
-"""The llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as a plain ``nn.Module`` over paged KV.
+"""The one decoder: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3, Phi-3 and SmolLM as a plain
+``nn.Module`` over paged KV.
 
 Tokens of all scheduled sequences are flattened into one batch ``[T]``; attention finds each
 sequence's context through ``AttentionMetadata``. q/k/v and gate/up projections are fused into one
-matmul each (loaded from the separate Hugging Face tensors).
+matmul each (loaded from the separate Hugging Face tensors, or as they are from Phi-3's fused ones).
+The architectures differ only by ``ArchConfig`` flags: q/k norms (Qwen3, Gemma 3), sandwich norms,
+GeGLU, embedding scale and soft-capping (Gemma), sliding-window layers with their own rope base
+(Mistral, Gemma, Phi-3) and rope scalings (llama3, longrope).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _same_type_runs(tensors: list[QuantizedTensor]) -> list[QuantizedTensor]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ArchConfig) -> None:
+    def __init__(self, arch: ArchConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads = arch.num_attention_heads
         self.num_kv_heads = arch.num_key_value_heads
@@ -51,13 +55,28 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                bias=arch.attention_bias)
         self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
-        self.scale = self.head_dim ** -0.5
+        self.scale = (arch.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.window = arch.layer_window(layer)
+        self.softcap = arch.attn_logit_softcapping
+        self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+
+    def _norm_qk(self, qkv: torch.Tensor) -> None:
+        """RMSNorm over each q and k head (Qwen3, Gemma 3), in place, before rope."""
+        assert self.q_norm is not None and self.k_norm is not None
+        t = qkv.shape[0]
+        q = qkv[:, :self.q_size].reshape(t * self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].reshape(t * self.num_kv_heads, self.head_dim)
+        qkv[:, :self.q_size] = self.q_norm(q).view(t, self.q_size)
+        qkv[:, self.q_size:self.q_size + self.kv_size] = self.k_norm(k).view(t, self.kv_size)
 
     def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata,
                 kernels: ModuleType | None) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.q_norm is not None:
+            self._norm_qk(qkv)
         if kernels is not None:  # rotate q and k in place, in the fused output
             kernels.rotary_qkv_(qkv, rope[0].squeeze(1), rope[1].squeeze(1), self.num_heads,
                                 self.num_kv_heads, self.head_dim)
@@ -67,7 +86,8 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if kernels is None:
             q, k = apply_rotary(q, k, *rope)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kernels)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kernels,
+                            window=self.window, softcap=self.softcap)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -75,27 +95,41 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.intermediate = arch.intermediate_size
+        self.gelu = arch.hidden_act == "gelu_pytorch_tanh"  # Gemma's GeGLU
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernels: ModuleType | None = None) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
-        if kernels is not None:
+        if kernels is not None and not self.gelu:
             return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig) -> None:
+    def __init__(self, arch: ArchConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch)
+        self.self_attn = LlamaAttention(arch, layer)
+        # NOTE: in Gemma's sandwich layout this norms the attention output, and the MLP's input
+        # norm is pre_feedforward_layernorm; in Llama's it is the MLP's input norm.
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch)
+        self.sandwich = arch.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.local_rope = arch.rope_local_theta is not None and arch.layer_window(layer) is not None
 
     def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata,
                 kernels: ModuleType | None) -> torch.Tensor:
+        if self.sandwich:
+            h = self.self_attn(self.input_layernorm(x, kernels), rope, kv_cache, meta, kernels)
+            x = x + self.post_attention_layernorm(h, kernels)
+            h = self.mlp(self.pre_feedforward_layernorm(x, kernels), kernels)
+            return x + self.post_feedforward_layernorm(h, kernels)
         if kernels is None:
             x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, None)
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -110,10 +144,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch) for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i) for i in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.rope = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
-                                    arch.rope_scaling)
+        self.rope, self.local_rope = self._rope_tables()
         self.lm_head = (None if arch.tie_word_embeddings
                         else Linear(arch.hidden_size, arch.vocab_size, bias=False))
         # ferry's compiled CPU kernels (float32 only), set by the runner; None: PyTorch ops
@@ -123,21 +156,37 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
         x = self.embed_tokens.embed(input_ids)
+        if self.arch.embedding_scale is not None:
+            # NOTE: Gemma rounds the scale to the activation dtype first, as here.
+            x = x * torch.tensor(self.arch.embedding_scale, dtype=x.dtype)
         rope = self.rope(positions, x.dtype)
+        local = self.local_rope(positions, x.dtype) if self.local_rope is not None else rope
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta, self.kernels)
+            x = layer(x, local if layer.local_rope else rope, kv_cache, meta, self.kernels)
         return self.norm(x, self.kernels)
 
     def init_buffers(self, device: torch.device) -> None:
-        """Recompute non-persistent buffers after building on the meta device."""
+        """Recompute non-persistent buffers (rope tables) after building on the meta device."""
+        rope, local = self._rope_tables()
+        self.rope = rope.to(device)
+        self.local_rope = None if local is None else local.to(device)
+
+    def _rope_tables(self) -> tuple[RotaryEmbedding, RotaryEmbedding | None]:
+        """The rope of full-attention layers, and of sliding ones when theirs differs (Gemma 3:
+        their own base, no scaling)."""
         arch = self.arch
-        self.rope = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
-                                    arch.rope_scaling).to(device)
+        rope = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
+                               arch.rope_scaling, arch.rope_freq_factors)
+        local = (None if arch.rope_local_theta is None else RotaryEmbedding(
+            arch.head_dim, arch.max_position_embeddings, arch.rope_local_theta))
+        return rope, local
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> logits: [N, vocab] float32
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return head(hidden).float()
+        logits = head(hidden).float()
+        cap = self.arch.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, Weight]],
@@ -163,7 +212,10 @@ class LlamaForCausalLM(nn.Module):
                 quantized[target].append((rows, tensor))
             else:
                 self._copy_in(name, params[target], rows, tensor)
-            loaded.add(f"{target}:{rows}")
+            if rows is None:  # a whole fused tensor (Phi-3's qkv_proj, gate_up_proj) fills every slice
+                loaded |= {f"{target}:{r}" for r in self._slices(target)}
+            else:
+                loaded.add(f"{target}:{rows}")
         expected = self._expected_slices(params)
         missing = sorted(expected - loaded)
         if missing:
@@ -214,16 +266,16 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(part, "gate_up_proj"), rows
         return name, None
 
-    def _expected_slices(self, params: dict[str, nn.Parameter]) -> set[str]:
-        expected = set()
+    def _slices(self, name: str) -> list[tuple[int, int] | None]:
+        """The row ranges the loader fills one by one in a parameter (None: the whole of it)."""
         attn = self.layers[0].self_attn
         q, kv = attn.q_size, attn.kv_size
         inter = self.arch.intermediate_size
-        for name in params:
-            if "qkv_proj" in name:
-                expected |= {f"{name}:{r}" for r in [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]}
-            elif "gate_up_proj" in name:
-                expected |= {f"{name}:{r}" for r in [(0, inter), (inter, 2 * inter)]}
-            else:
-                expected.add(f"{name}:None")
-        return expected
+        if "qkv_proj" in name:
+            return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
+        if "gate_up_proj" in name:
+            return [(0, inter), (inter, 2 * inter)]
+        return [None]
+
+    def _expected_slices(self, params: dict[str, nn.Parameter]) -> set[str]:
+        return {f"{name}:{r}" for name in params for r in self._slices(name)}

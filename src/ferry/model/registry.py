@@ -12,6 +12,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("ferry.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("ferry.model.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("ferry.model.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("ferry.model.llama", "LlamaForCausalLM"),
+    "Gemma2ForCausalLM": ("ferry.model.llama", "LlamaForCausalLM"),
+    "Gemma3ForCausalLM": ("ferry.model.llama", "LlamaForCausalLM"),
+    "Phi3ForCausalLM": ("ferry.model.llama", "LlamaForCausalLM"),
 }
 
 

@@ -75,6 +75,8 @@ def rope_from_hf_config(config: Mapping[str, Any]) -> tuple[float, dict[str, Any
     """
     cfg = text_config(config)
     params = dict(cfg.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), Mapping):  # per layer type (Gemma 3): the global one
+        params = dict(params["full_attention"])
     theta = float(cfg.get("rope_theta") or params.pop("rope_theta", None) or 10000.0)
     params.pop("rope_theta", None)
     scaling = cfg.get("rope_scaling") or params or None
@@ -86,3 +88,15 @@ def rope_from_hf_config(config: Mapping[str, Any]) -> tuple[float, dict[str, Any
         if scaling.get("rope_type", "default") == "default":
             scaling = None
     return theta, scaling
+
+
+def local_rope_theta(config: Mapping[str, Any]) -> float | None:
+    """The rope base of sliding-window layers where it differs from the global one (Gemma 3's
+    ``rope_local_base_freq``, or transformers 5's ``rope_parameters.sliding_attention``)."""
+    cfg = text_config(config)
+    params = cfg.get("rope_parameters")
+    if isinstance(params, Mapping) and isinstance(params.get("sliding_attention"), Mapping):
+        theta = params["sliding_attention"].get("rope_theta")
+        return float(theta) if theta is not None else None
+    theta = cfg.get("rope_local_base_freq")
+    return float(theta) if theta is not None else None

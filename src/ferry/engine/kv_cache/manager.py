@@ -1,5 +1,13 @@
 """The scheduler's only view of the KV cache: ``get_computed_blocks``, ``allocate_slots``, ``free``,
-and ``block_ids`` to hand a scheduled request's block table to the runner."""
+and ``block_ids`` to hand a scheduled request's block table to the runner.
+
+Sliding-window models (every layer attends only to the last ``sliding_window`` positions, as
+Mistral and Phi-3 do) give back the blocks that fell wholly behind the window at each allocation:
+their slot in the request's block table becomes a null entry (block id 0, only ever read under
+the attention mask), and the block joins the free queue, still hashed, so a later prompt with
+the same prefix can hit it. Models that mix sliding and full-attention layers (Gemma) keep every
+block: all layers share one block table, and the full layers read the whole context.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +33,14 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        # the null entry of a block table whose block fell behind the sliding window
+        self._null = KVBlock(0, ref_cnt=-1)
         self._req_blocks: dict[str, list[KVBlock]] = {}
         self._queries = 0
         self._hits = 0
@@ -98,13 +110,15 @@ class KVCacheManager:
         if num_new_blocks > 0:
             held.extend(self.pool.get_new_blocks(num_new_blocks))
         self._cache_full_blocks(request, held, num_computed + num_new_tokens)
+        if self.sliding_window is not None:
+            self._free_behind_window(held, num_computed)
         return True
 
     def free(self, request: Request) -> None:
         """Release the request's blocks. Tail blocks are queued first so they are evicted first."""
         blocks = self._req_blocks.pop(request.request_id, None)
         if blocks:
-            self.pool.free_blocks(reversed(blocks))
+            self.pool.free_blocks(b for b in reversed(blocks) if b is not self._null)
 
     def reset_prefix_cache(self) -> None:
         """Forget every block hash (after a failed step: blocks are registered when scheduled, so
@@ -131,5 +145,20 @@ class KVCacheManager:
             return
         hashes = self._hashes(request, num_full * self.block_size)
         for i in range(num_full):
-            if blocks[i].block_hash is None:
+            if blocks[i].block_hash is None and blocks[i] is not self._null:
                 self.pool.cache_block(blocks[i], hashes[i])
+
+    def _free_behind_window(self, held: list[KVBlock], num_computed: int) -> None:
+        """Free the blocks no query from position ``num_computed`` on can read.
+
+        A query at position p reads keys in (p - window, p]; the earliest query still to come is
+        at ``num_computed``, so blocks ending before ``num_computed - window + 1`` are done.
+        """
+        assert self.sliding_window is not None
+        first_needed = num_computed - self.sliding_window + 1
+        done = [i for i in range(min(max(first_needed, 0) // self.block_size, len(held)))
+                if held[i] is not self._null]
+        if done:
+            self.pool.free_blocks(held[i] for i in done)
+            for i in done:
+                held[i] = self._null

@@ -11,6 +11,11 @@ Decodes (one query token each) run in one call: ferry's C++ kernel reading K/V i
 CPU, when the model has its ``kernels``), else one padded batch gathered from the cache for
 PyTorch's SDPA. Prefill chunks run one sequence at a time (from the fresh K/V when the chunk starts
 at position 0, else gathered from the cache).
+
+Two variants change which scores count: a sliding window (a query at position p sees keys in
+(p - window, p]) and logit soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the
+mask). Layers with either run on PyTorch ops, with their masks built here from the block table and
+context lengths; block-table entries behind the window may name freed blocks, which stay masked.
 """
 
 from __future__ import annotations
@@ -53,8 +58,13 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    kernels: ModuleType | None = None) -> torch.Tensor:
+                    kernels: ModuleType | None = None, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     # q: [T, H, D]; k, v: [T, Hkv, D] -> out: [T, H, D]
+    if window is not None and not window_applies(meta, window):
+        window = None  # every context fits the window: plain causal attention (the kernel path)
+    if window is not None or softcap is not None:
+        return _variant_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     if meta.num_decodes:
@@ -104,3 +114,68 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=seq.mask,
                                        scale=scale, enable_gqa=gqa)
     return o.transpose(0, 1)
+
+
+def window_applies(meta: AttentionMetadata, window: int) -> bool:
+    """Whether some query of this step has keys behind the window (a context longer than it)."""
+    if any(seq.end - seq.start + seq.num_computed > window for seq in meta.prefills):
+        return True
+    lens = meta.decode_context_lens
+    return lens is not None and meta.num_decodes > 0 and int(lens.max()) > window
+
+
+def _variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                       window: int | None, softcap: float | None) -> torch.Tensor:
+    """Sliding-window and/or soft-capped attention, decodes batched and prefills one by one."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    b = meta.num_decodes
+    if b:
+        assert meta.decode_block_table is not None and meta.decode_context_lens is not None
+        table, lens = meta.decode_block_table, meta.decode_context_lens
+        keys = k_cache[table].flatten(1, 2)  # [B, L, Hkv, D]
+        values = v_cache[table].flatten(1, 2)
+        key_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+        visible = key_pos < lens[:, None]  # [B, L]
+        if window is not None:
+            visible &= key_pos > lens[:, None] - 1 - window
+        out[:b] = _masked_attention(q[:b, None], keys, values, visible[:, None, :], scale, softcap)[:, 0]
+    for seq in meta.prefills:
+        n = seq.end - seq.start
+        if seq.block_ids is None:
+            keys, values = k[seq.start:seq.end], v[seq.start:seq.end]
+        else:
+            ctx = seq.num_computed + n
+            keys = k_cache[seq.block_ids].flatten(0, 1)[:ctx]
+            values = v_cache[seq.block_ids].flatten(0, 1)[:ctx]
+        q_pos = torch.arange(seq.num_computed, seq.num_computed + n, device=q.device)[:, None]
+        key_pos = torch.arange(keys.shape[0], device=q.device)[None, :]
+        visible = key_pos <= q_pos  # [n, ctx]
+        if window is not None:
+            visible &= key_pos > q_pos - window
+        out[seq.start:seq.end] = _masked_attention(q[None, seq.start:seq.end], keys[None], values[None],
+                                                   visible[None], scale, softcap)[0]
+    return out
+
+
+def _masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+                      scale: float, softcap: float | None) -> torch.Tensor:
+    # q: [B, Lq, H, D]; keys, values: [B, Lk, Hkv, D]; visible: [B, Lq, Lk] bool -> [B, Lq, H, D]
+    bsz, lq, h, d = q.shape
+    hkv = keys.shape[2]
+    group = h // hkv
+    # NOTE: the query heads that share a KV head ride along the query axis: [B, Hkv, group*Lq, D].
+    qg = q.view(bsz, lq, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(bsz, hkv, group * lq, d)
+    kt = keys.permute(0, 2, 1, 3)  # [B, Hkv, Lk, D]
+    vt = values.permute(0, 2, 1, 3)
+    mask = visible[:, None, None].expand(bsz, 1, group, lq, visible.shape[-1]).reshape(
+        bsz, 1, group * lq, visible.shape[-1])
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask, scale=scale)
+    else:
+        scores = torch.matmul(qg.float(), kt.float().transpose(-1, -2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        o = torch.matmul(torch.softmax(scores, dim=-1), vt.float()).to(q.dtype)
+    return o.reshape(bsz, hkv, group, lq, d).permute(0, 3, 1, 2, 4).reshape(bsz, lq, h, d)
