@@ -146,9 +146,9 @@ def test_folder_without_tokenizer_json(tmp_path: Path) -> None:
 
 
 def _tiny_metadata(**extra: Any) -> dict[str, Any]:
-    from ferry.tokenizer import _bytes_to_unicode
+    from ferry.gguf_vocab import bytes_to_unicode
 
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + ["Ġt", "he", "Ġthe", "<s>", "</s>", "<think>", "Ġthe"]
     types = [1] * len(byte_chars) + [1, 1, 1, 3, 3, 4, 1]
     return {
@@ -177,8 +177,9 @@ def test_gguf_metadata_bos_and_added_tokens() -> None:
 
 
 def test_gguf_metadata_rejects_other_tokenizers() -> None:
-    with pytest.raises(ValueError, match="unsupported GGUF tokenizer"):
-        Tokenizer.from_gguf_metadata(_tiny_metadata(**{"tokenizer.ggml.model": "llama"}))
+    for model in ("t5", "bert", None):
+        with pytest.raises(ValueError, match=r"unsupported GGUF tokenizer .*'gpt2'.*'llama'"):
+            Tokenizer.from_gguf_metadata(_tiny_metadata(**{"tokenizer.ggml.model": model}))
     with pytest.raises(ValueError, match="merge"):
         Tokenizer.from_gguf_metadata(_tiny_metadata(**{"tokenizer.ggml.merges": ["abc"]}))
     with pytest.raises(ValueError, match="outside the vocabulary"):

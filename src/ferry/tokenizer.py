@@ -1,8 +1,9 @@
 """Tokenizer: Hugging Face ``tokenizers`` plus the model's chat template (sandboxed jinja2).
 
 Built from an HF folder (``tokenizer.json`` + ``tokenizer_config.json``) or from GGUF metadata alone
-(a byte-level BPE rebuilt from ``tokenizer.ggml.*``), so serving never needs ``transformers``. Both
-paths mirror what ``transformers.AutoTokenizer`` builds for the same files, and the tests check that.
+(byte-level BPE or SentencePiece rebuilt from ``tokenizer.ggml.*`` by ``ferry.gguf_vocab``), so
+serving never needs ``transformers``. Both paths mirror what ``transformers.AutoTokenizer`` builds for
+the same files, and the tests check that.
 """
 
 from __future__ import annotations
@@ -10,51 +11,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+from tokenizers import processors
 
+from ferry.gguf_vocab import bytes_to_unicode as _bytes_to_unicode  # noqa: F401  (tests/loader uses it)
+from ferry.gguf_vocab import gguf_vocab
 from ferry.jsonfile import read_json_object
-
-# GGUF token types (llama.cpp `llama_token_type`).
-_TOKEN_TYPE_CONTROL = 3
-_TOKEN_TYPE_USER_DEFINED = 4
-
-# Pre-tokenizer split regexes for `tokenizer.ggml.pre` values; other values use GPT-2's own regex
-# (ByteLevel with use_regex=True), as transformers does.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_TOKENIZER_SPLITS = {
-    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _QWEN2_SPLIT,
-}
-
-
-@lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 class Tokenizer:
@@ -118,77 +85,17 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, fields: Mapping[str, Any]) -> Tokenizer:
-        """A byte-level BPE (``tokenizer.ggml.model == "gpt2"``) from GGUF metadata alone.
+        """The tokenizer GGUF metadata alone describes: byte-level BPE (``tokenizer.ggml.model ==
+        "gpt2"``) or SentencePiece (``"llama"``), see ``ferry.gguf_vocab``.
 
         ``fields`` maps GGUF keys to plain Python values (lists for arrays).
         """
-        model = fields.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ValueError(f"unsupported GGUF tokenizer {model!r}: only byte-level BPE ('gpt2') is supported")
-        tokens = list(fields.get("tokenizer.ggml.tokens") or ())
-        merges_raw = list(fields.get("tokenizer.ggml.merges") or ())
-        if not tokens or not merges_raw:
-            raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-        token_types = list(fields.get("tokenizer.ggml.token_type") or ())
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        # NOTE: a few converters store tokens as raw text; respell those in the byte alphabet.
-        vocab = {
-            tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-            for i, tok in enumerate(tokens)
-        }
-        merges = []
-        for m in merges_raw:
-            parts = m.split(" ")
-            if len(parts) != 2:
-                raise ValueError(f"malformed BPE merge {m!r} in GGUF metadata")
-            merges.append((parts[0], parts[1]))
-        backend = _Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
-                                      continuing_subword_prefix="", end_of_word_suffix="",
-                                      fuse_unk=False, byte_fallback=False))
-        split = _PRE_TOKENIZER_SPLITS.get(fields.get("tokenizer.ggml.pre", ""))
-        if split is None:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        else:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-        backend.decoder = decoders.ByteLevel()
-
-        def token_at(key: str) -> str | None:
-            idx = fields.get(key)
-            if idx is None:
-                return None
-            if not 0 <= int(idx) < len(tokens):
-                raise ValueError(f"{key}={idx} is outside the vocabulary of {len(tokens)} tokens")
-            return tokens[int(idx)]
-
-        special = {
-            "bos_token": token_at("tokenizer.ggml.bos_token_id"),
-            "eos_token": token_at("tokenizer.ggml.eos_token_id"),
-            "unk_token": token_at("tokenizer.ggml.unknown_token_id"),
-            "pad_token": token_at("tokenizer.ggml.padding_token_id"),
-        }
-        # Control tokens (e.g. <|im_start|>) are matched whole and are special; user-defined ones
-        # (e.g. <think>) are matched whole but kept on decode. A "control" token outside the byte
-        # alphabet is a llama.cpp mislabel and would grow the vocabulary, so it is skipped.
-        control = [t for t, ty in zip(tokens, token_types)
-                   if ty == _TOKEN_TYPE_CONTROL and set(t) <= alphabet]
-        control += [t for t in special.values() if t is not None and t not in control]
-        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-        user = [t for t, ty in zip(tokens, token_types) if ty == _TOKEN_TYPE_USER_DEFINED and t in vocab]
-        if user:
-            backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-        _set_template_processing(
-            backend,
-            special["bos_token"] if fields.get("tokenizer.ggml.add_bos_token", False) else None,
-            special["eos_token"] if fields.get("tokenizer.ggml.add_eos_token", False) else None,
-        )
-        eos_ids = [int(fields[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                            "tokenizer.ggml.eom_token_id") if fields.get(k) is not None]
-        return cls(backend, special_tokens=special, eos_token_ids=eos_ids,
-                   chat_template=fields.get("tokenizer.chat_template"))
+        vocab = gguf_vocab(fields)
+        special = vocab.special_tokens
+        _set_template_processing(vocab.backend, special["bos_token"] if vocab.add_bos else None,
+                                 special["eos_token"] if vocab.add_eos else None)
+        return cls(vocab.backend, special_tokens=special, eos_token_ids=vocab.eos_token_ids,
+                   chat_template=vocab.chat_template)
 
     # ----------------------------------------------------------------------------- text <-> ids
 
@@ -211,6 +118,14 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     # ----------------------------------------------------------------------------- chat
+
+    def replace_chat_template(self, template: str) -> None:
+        """Use ``template`` (Jinja source) instead of the model's own (``--chat-template``).
+
+        Compiled at once, so a broken template is a ``ValueError`` at start-up, not per request.
+        """
+        self._compiled_template = _compile_template(template)
+        self.chat_template = template
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **template_kwargs: Any) -> str:
