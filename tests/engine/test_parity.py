@@ -91,16 +91,15 @@ def check_formats_agree(path: Path, packed: int) -> None:
 
 
 def test_gguf_with_mixed_types_packs_only_layers_one_kernel_can_run(tmp_path: Path) -> None:
-    # Packed: layer 1's q/k/v (Q8_0, Q4_0, Q4_1: one layer of three packed parts) and down (Q4_0),
-    # layer 0's down (Q6_K), the embedding (Q8_0) and the output head (Q6_K). Dense: layer 0's
-    # float q/k/v/o, gate (Q4_K) fused with up (Q5_K, no kernel), layer 1's o (Q5_0) and gate
-    # (Q5_1) fused with up (Q8_0).
+    # Packed: layer 1's q/k/v (Q8_0, Q4_0, Q4_1: one layer of three packed parts), o (Q5_0),
+    # gate/up (Q5_1 + Q8_0) and down (Q4_0), layer 0's gate/up (Q4_K + Q5_K) and down (Q6_K), the
+    # embedding (Q8_0) and the output head (Q6_K). Dense: layer 0's float q/k/v/o.
     path = tmp_path / "mixed.gguf"
     write_gguf(path)
-    check_formats_agree(path, packed=5)
+    check_formats_agree(path, packed=8)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K])
 def test_gguf_of_one_type_packs_every_linear(tmp_path: Path, qtype: Q) -> None:
     path = tmp_path / f"{qtype.name}.gguf"
     layer_weights = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]

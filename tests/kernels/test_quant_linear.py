@@ -1,8 +1,8 @@
 """The quantized-weight CPU kernels against gguf-py's own dequantization.
 
 Rows (embedding lookups) must equal gguf-py's float32 weights bit for bit; products may differ
-from a float64 reference only by float32 summation error. The portable (non-AVX-512) build of the
-same source is held to the same standard.
+from a float64 reference only by float32 summation error. The portable (non-AVX-512, AVX2) build
+of the same source is held to the same standard.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
+from loader.test_gguf import random_k_blocks
 
 from ferry.kernels.packing import QuantizedTensor, concat_rows, pack
 from ferry.model.layers.linear import Linear, PackedWeight, VocabEmbedding
 
-from loader.test_gguf import random_k_blocks
-
-TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+FIVE_BIT = [Q.Q5_0, Q.Q5_1, Q.Q5_K]
 
 
 def random_quantized(qtype: Q, n: int, k: int, seed: int = 0) -> QuantizedTensor:
     rng = np.random.default_rng(seed)
-    if qtype in (Q.Q4_K, Q.Q6_K):  # gguf-py cannot quantize to K-quants: random sane blocks
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # gguf-py cannot quantize to K-quants: random blocks
         k = -(-k // 256) * 256
         return QuantizedTensor(qtype, (n, k), random_k_blocks(qtype, n, k, rng)[0])
     w = rng.normal(0, 0.05, size=(n, k)).astype(np.float32)
@@ -63,15 +63,47 @@ def test_matmul_matches_float64_reference(ops: ModuleType, qtype: Q, m: int) -> 
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("m", [1, 19])
 def test_portable_build_computes_the_same(ops: ModuleType, portable_ops: ModuleType,
-                                          qtype: Q) -> None:
+                                          qtype: Q, m: int) -> None:
     assert portable_ops.__name__ != ops.__name__
+    assert not portable_ops.vectorized()
     q = random_quantized(qtype, 40, 96)
-    x = torch.randn(19, q.shape[1], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(m, q.shape[1], generator=torch.Generator().manual_seed(1))
     portable = PackedWeight(pack(q), portable_ops)
     assert_close_to_reference(portable.matmul(x), x, q)
     ids = torch.tensor([3, 39])
     assert torch.equal(portable.rows(ids), q.dequantize()[ids])
+
+
+@pytest.mark.parametrize("qtype", FIVE_BIT)
+@pytest.mark.parametrize("n,k,m", [(1, 32, 1), (17, 64, 3), (33, 800, 2), (31, 544, 37)])
+def test_five_bit_types_odd_shapes_on_both_builds(ops: ModuleType, portable_ops: ModuleType,
+                                                  qtype: Q, n: int, k: int, m: int) -> None:
+    # odd row counts (padded tiles), widths that are no multiple of 256 for Q5_0/Q5_1 (the
+    # fallback llama.cpp picks for such rows), and a batch past the prefill threshold
+    q = random_quantized(qtype, n, k, seed=n + m)
+    x = torch.randn(m, q.shape[1], generator=torch.Generator().manual_seed(k))
+    ids = torch.tensor([0, n - 1, n // 2])
+    for kernels in (ops, portable_ops):
+        packed = PackedWeight(pack(q), kernels)
+        assert_close_to_reference(packed.matmul(x), x, q)
+        assert torch.equal(packed.rows(ids), q.dequantize()[ids])
+
+
+@pytest.mark.parametrize("qtype", FIVE_BIT)
+def test_every_fifth_bit_reaches_its_weight(ops: ModuleType, qtype: Q) -> None:
+    # one-hot inputs read every weight on its own (row k of x @ W.T is column k of W, exactly),
+    # so a fifth bit put at the wrong row, k or half of a k pair shows up as a wrong weight;
+    # 256 rows take the prefill path (tiles dequantized once), 20 the register-tile one
+    q = random_quantized(qtype, 16, 256, seed=7)
+    dense = q.dequantize()
+    codes = pack(q).codes.reshape(1, 8, 320)[..., 256:]
+    assert 0.3 < np.unpackbits(codes.numpy()).mean() < 0.7  # about half the weights have bit 4
+    packed = PackedWeight(pack(q), ops)
+    x = torch.eye(256)
+    assert torch.equal(packed.matmul(x), dense.T.contiguous())
+    assert torch.equal(packed.matmul(x[100:120]), dense.T[100:120].contiguous())
 
 
 def test_empty_batch_and_non_contiguous_input(ops: ModuleType) -> None:
@@ -95,7 +127,14 @@ def test_bad_inputs_raise_instead_of_reading_out_of_bounds(ops: ModuleType) -> N
     with pytest.raises(ValueError, match="do not hold"):
         QuantizedTensor(Q.Q4_0, (4, 64), np.zeros((4, 35), dtype=np.uint8))
     with pytest.raises(ValueError, match="no kernel"):
-        QuantizedTensor(Q.Q5_K, (4, 256), np.zeros((4, 176), dtype=np.uint8))
+        QuantizedTensor(Q.Q2_K, (4, 256), np.zeros((4, 84), dtype=np.uint8))
+    q5 = pack(random_quantized(Q.Q5_1, 20, 64))
+    with pytest.raises(RuntimeError, match="bytes"):  # Q5 codes read as Q4 codes
+        ops.quant_linear(torch.randn(2, 64), q5.codes, q5.d, q5.m, 1, 20)
+    with pytest.raises(RuntimeError, match="m must be"):
+        ops.quant_linear(torch.randn(2, 64), q5.codes, q5.d, torch.empty(0), 5, 20)
+    with pytest.raises(RuntimeError, match="unknown quant type"):
+        ops.quant_linear(torch.randn(2, 64), q5.codes, q5.d, q5.m, 6, 20)
 
 
 def test_fused_rows_and_reordering(ops: ModuleType) -> None:
@@ -132,8 +171,9 @@ def test_layers_switch_to_packed_weights(ops: ModuleType) -> None:
 def test_a_layer_of_parts_with_different_types(ops: ModuleType) -> None:
     # a fused q/k/v whose v is another type: one packed part per type, outputs side by side
     parts = [random_quantized(Q.Q4_K, 32, 256, seed=1), random_quantized(Q.Q6_K, 16, 256, seed=2),
-             random_quantized(Q.Q8_0, 24, 256, seed=3)]
-    layer = Linear(256, 72, bias=False)
+             random_quantized(Q.Q8_0, 24, 256, seed=3), random_quantized(Q.Q5_0, 8, 256, seed=4),
+             random_quantized(Q.Q5_K, 16, 256, seed=5)]
+    layer = Linear(256, 96, bias=False)
     layer.use_packed([PackedWeight(pack(p), ops) for p in parts])
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
     want = torch.cat([reference(x, p) for p in parts], dim=-1)

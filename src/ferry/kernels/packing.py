@@ -1,11 +1,13 @@
 """GGUF block-quantized weights kept quantized: raw rows, and the tile layout the kernel reads.
 
 ``QuantizedTensor`` is what the GGUF loader yields instead of a float32 tensor when asked to keep
-Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights as they are: the file's raw blocks, one row per output feature,
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights as they are: the file's raw blocks, one row per output feature,
 already in Hugging Face row order. ``pack`` turns it into the tile layout of ``quant_linear.cpp``.
 
-Q4_K runs on the Q4_1 kernel: each 32-weight sub-block's scale (d * sc) and minimum (dmin * m)
-are computed in float32 exactly as gguf-py computes them, and d * q - dm equals d * q + (-dm).
+Q4_K runs on the Q4_1 kernel and Q5_K on the Q5_1 one: each 32-weight sub-block's scale (d * sc)
+and minimum (dmin * m) are computed in float32 exactly as gguf-py computes them, and d * q - dm
+equals d * q + (-dm). Five-bit codes keep their low 4 bits as nibbles, like Q4, and their fifth
+bits in a separate bit plane (one 16-bit mask of the tile's rows per k).
 Q6_K keeps its codes (q - 32, as int8) and gets one float32 scale (d * sc) per 16 weights.
 """
 
@@ -24,15 +26,20 @@ TILE = 16  # output rows per packed tile
 
 _Q = GGMLQuantizationType
 # the kernel type each file type runs on (0: Q4_0, 1: Q4_1, 2: Q8_0, 3: int8 codes with a scale
-# per 16 weights), and the file's block: (weights, bytes)
+# per 16 weights, 4: Q5_0, 5: Q5_1), and the file's block: (weights, bytes)
 KERNEL_TYPES: dict[GGMLQuantizationType, tuple[int, int, int]] = {
     _Q.Q4_0: (0, 32, 18),  # fp16 d, 16 bytes of nibbles
     _Q.Q4_1: (1, 32, 20),  # fp16 d, fp16 m, 16 bytes of nibbles
+    _Q.Q5_0: (4, 32, 22),  # fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles
+    _Q.Q5_1: (5, 32, 24),  # fp16 d, fp16 m, 4 bytes of fifth bits, 16 bytes of nibbles
     _Q.Q8_0: (2, 32, 34),  # fp16 d, 32 int8
     _Q.Q4_K: (1, 256, 144),  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+    _Q.Q5_K: (5, 256, 176),  # as Q4_K, with 32 bytes of fifth bits before the nibbles
     _Q.Q6_K: (3, 256, 210),  # 128 bytes low nibbles, 64 of high 2-bit pairs, 16 int8 scales, fp16 d
 }
-BYTE_CODE_TYPES = (2, 3)  # kernel types with one int8 code a byte (the others: two 4-bit codes)
+BYTE_CODE_TYPES = (2, 3)  # kernel types with one int8 code a byte
+FIVE_BIT_TYPES = (4, 5)  # kernel types with 5-bit codes: nibbles plus a bit plane
+# (the others: two 4-bit codes a byte)
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,11 @@ class PackedTensors:
     type_id: int
     out_features: int
     in_features: int
-    codes: torch.Tensor  # uint8 [tiles, K/2, 16] (4-bit codes) or [tiles, K, 16] (int8 codes)
+    # uint8 [tiles, K/2, 16] (4-bit codes), [tiles, K, 16] (int8 codes) or [tiles, K/32, 320]
+    # (5-bit codes: per 32-wide block, 256 bytes of nibbles then 32 16-bit masks of fifth bits)
+    codes: torch.Tensor
     d: torch.Tensor  # float32 [tiles, K/32, 16] ([tiles, K/16, 16] for Q6_K)
-    m: torch.Tensor  # float32 [tiles, K/32, 16] for Q4_1, else empty
+    m: torch.Tensor  # float32 [tiles, K/32, 16] for Q4_1/Q5_1 (and Q4_K/Q5_K), else empty
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -96,26 +105,44 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[..., 4] bytes (a little-endian uint32, bit i for weight i) -> [..., 32] codes' bit 4."""
+    return np.unpackbits(qh, axis=-1, bitorder="little") << np.uint8(4)
+
+
 def _unpack(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Codes [N, K] (uint8; Q8_0: int8 bit patterns), d and m [N, K/32] float32 (m None if unused)."""
+    """Codes [N, K] (uint8; Q8_0/Q6_K: int8 bit patterns), d and m [N, K/32] float32 (m None if
+    unused)."""
     n, k = q.shape
     _, weights, block_bytes = KERNEL_TYPES[q.qtype]
     b = q.blocks.reshape(n, k // weights, block_bytes)
     if q.qtype == _Q.Q8_0:
         return b[..., 2:].reshape(n, k), _f16(b[..., 0:2]), None
-    if q.qtype in (_Q.Q4_0, _Q.Q4_1):
-        offset = 4 if q.qtype == _Q.Q4_1 else 2
-        m = _f16(b[..., 2:4]) if q.qtype == _Q.Q4_1 else None
-        return _nibbles(b[..., offset:offset + 16]).reshape(n, k), _f16(b[..., 0:2]), m
+    if q.qtype in (_Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1):
+        with_min = q.qtype in (_Q.Q4_1, _Q.Q5_1)
+        offset = 4 if with_min else 2
+        m = _f16(b[..., 2:4]) if with_min else None
+        if q.qtype in (_Q.Q5_0, _Q.Q5_1):
+            codes = _nibbles(b[..., offset + 4:offset + 20]) | _fifth_bits(b[..., offset:offset + 4])
+        else:
+            codes = _nibbles(b[..., offset:offset + 16])
+        return codes.reshape(n, k), _f16(b[..., 0:2]), m
     nb = k // weights
     if q.qtype == _Q.Q6_K:
         return _unpack_q6_k(b.reshape(n * nb, block_bytes), n, k)
-    # Q4_K: 8 sub-blocks of 32 per 256; 32-byte groups hold sub-blocks 2g (low) and 2g+1 (high)
+    # Q4_K, Q5_K: 8 sub-blocks of 32 per 256; 32-byte groups of nibbles hold sub-blocks 2g (low)
+    # and 2g+1 (high); Q5_K's 32 bytes of fifth bits: bit s of byte i belongs to weight i of
+    # sub-block s
     sc, mn = Q4_K.get_scale_min(b[..., 4:16].reshape(n * nb, 12))
     d = _f16(b[..., 0:2]).reshape(n * nb, 1) * sc.astype(np.float32)
     dm = _f16(b[..., 2:4]).reshape(n * nb, 1) * mn.astype(np.float32)
-    codes = _nibbles(b[..., 16:].reshape(n, nb, 4, 32)).reshape(n, k)
-    return codes, d.reshape(n, k // BLOCK), -dm.reshape(n, k // BLOCK)
+    if q.qtype == _Q.Q5_K:
+        shifts = np.arange(8, dtype=np.uint8).reshape(8, 1)
+        fifth = ((b[..., None, 16:48] >> shifts) & np.uint8(1)) << np.uint8(4)  # [n, nb, 8, 32]
+        codes = _nibbles(b[..., 48:].reshape(n, nb, 4, 32)).reshape(n, nb, 8, 32) | fifth
+    else:
+        codes = _nibbles(b[..., 16:].reshape(n, nb, 4, 32))
+    return codes.reshape(n, k), d.reshape(n, k // BLOCK), -dm.reshape(n, k // BLOCK)
 
 
 def _unpack_q6_k(b: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray, None]:
@@ -141,13 +168,22 @@ def pack(q: QuantizedTensor) -> PackedTensors:
         return out
 
     codes = pad(codes)
-    if type_id not in BYTE_CODE_TYPES:  # two 4-bit codes a byte: k = 2p low, 2p + 1 high nibble
-        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
 
-    def tiled(a: np.ndarray) -> torch.Tensor:  # [rows, X] -> [tiles, X, 16]
-        return torch.from_numpy(np.ascontiguousarray(a.reshape(tiles, TILE, -1).swapaxes(1, 2)))
+    def tiled(a: np.ndarray) -> np.ndarray:  # [rows, X] -> [tiles, X, 16]
+        return np.ascontiguousarray(a.reshape(tiles, TILE, -1).swapaxes(1, 2))
+
+    if type_id in BYTE_CODE_TYPES:
+        packed_codes = tiled(codes)
+    else:  # two 4-bit codes a byte: k = 2p low, 2p + 1 high nibble
+        packed_codes = tiled((codes[:, 0::2] & 0x0F) | ((codes[:, 1::2] & 0x0F) << 4))
+    if type_id in FIVE_BIT_TYPES:
+        # per 32-wide block: its 256 bytes of nibbles, then per k the 16 rows' fifth bits as a
+        # little-endian uint16 (bit j: row j), so one 32-bit load covers a pair of k
+        fifth = np.packbits(tiled(codes >> 4), axis=-1, bitorder="little")  # [tiles, K, 2]
+        packed_codes = np.concatenate([packed_codes.reshape(tiles, k // BLOCK, -1),
+                                       fifth.reshape(tiles, k // BLOCK, -1)], axis=-1)
 
     return PackedTensors(
         type_id=type_id, out_features=n, in_features=k,
-        codes=tiled(codes), d=tiled(pad(d)),
-        m=tiled(pad(m)) if m is not None else torch.empty(0))
+        codes=torch.from_numpy(packed_codes), d=torch.from_numpy(tiled(pad(d))),
+        m=torch.from_numpy(tiled(pad(m))) if m is not None else torch.empty(0))

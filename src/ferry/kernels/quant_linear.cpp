@@ -1,17 +1,20 @@
 // Linear layers over GGUF block-quantized weights with float32 activations: Q4_0, Q4_1 (and
-// Q4_K, packed as Q4_1), Q8_0, and int8 codes with a scale per 16 weights (Q6_K).
+// Q4_K, packed as Q4_1), Q5_0, Q5_1 (and Q5_K, packed as Q5_1), Q8_0, and int8 codes with a scale
+// per 16 weights (Q6_K).
 //
 // Decode on a CPU is bound by reading weights; keeping Q4_1 weights at 0.75 bytes each instead of
 // 4 (float32) is the point. The weights are repacked at load time (ferry/kernels/packing.py) into
-// tiles of 16 output rows:
-//   codes: uint8 [N/16, K/2, 16]  Q4: byte (p, j) = code(k=2p) | code(k=2p+1) << 4 of row 16t+j
-//          uint8 [N/16, K, 16]    Q8_0, Q8_16: the int8 code of (k, row 16t+j)
-//   d, m:  float32 [N/16, K/32, 16]  per 32-wide block and row (m: Q4_1 only; Q8_16: K/16)
-// so one vector load gives one k for 16 rows, and the kernel accumulates a [rows x 16] tile of
-// the output in registers (no horizontal sums).
+// tiles of 16 output rows; each tile's codes are K/32 blocks of 32 k:
+//   Q4:          256 bytes  [16 pairs p][16 rows j]: code(k=2p) | code(k=2p+1) << 4 of row 16t+j
+//   Q5:          320 bytes  the Q4 block of the low 4 bits, then [32 k] uint16 (little-endian):
+//                           bit j = bit 4 of the code of (k, row 16t+j)
+//   Q8_0, Q8_16: 512 bytes  [32 k][16 rows j]: the int8 code of (k, row 16t+j)
+//   d, m:  float32 [N/16, K/32, 16]  per 32-wide block and row (m: Q4_1/Q5_1 only; Q8_16: K/16)
+// so one vector load gives one k for 16 rows (Q5: plus a 16-bit mask of their fifth bits), and
+// the kernel accumulates a [rows x 16] tile of the output in registers (no horizontal sums).
 //
-// Each weight is dequantized with the same float32 operations gguf-py uses (d * q + m for Q4_1,
-// d * (q - 8) for Q4_0, q * d for Q8_0; this file is built with -ffp-contract=off so the compiler
+// Each weight is dequantized with the same float32 operations gguf-py uses (d * q + m for Q4_1
+// and Q5_1, d * (q - 8) for Q4_0, d * (q - 16) for Q5_0, q * d for Q8_0; this file is built with -ffp-contract=off so the compiler
 // cannot fuse them), so the weights equal the float32 reference exactly; only the summation order
 // of the dot products differs from a float32 GEMM.
 
@@ -25,6 +28,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace ferry {
@@ -35,10 +40,31 @@ constexpr int64_t kTile = 16;   // output rows per packed tile
 constexpr int kMaxRows = 16;    // activation rows per register tile
 
 // kQ8_16: int8 codes with one scale per 16 weights (GGUF Q6_K, codes q - 32)
-enum QuantType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ8_16 = 3 };
+enum QuantType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ8_16 = 3, kQ5_0 = 4, kQ5_1 = 5 };
+constexpr int64_t kLastType = kQ5_1;
 
 constexpr bool byte_codes(int64_t qtype) { return qtype == kQ8_0 || qtype == kQ8_16; }
+constexpr bool five_bit(int64_t qtype) { return qtype == kQ5_0 || qtype == kQ5_1; }
+constexpr bool has_min(int64_t qtype) { return qtype == kQ4_1 || qtype == kQ5_1; }
 constexpr int64_t scale_span(int64_t qtype) { return qtype == kQ8_16 ? 16 : kBlock; }
+constexpr int64_t kNibbleBytes = kBlock * kTile / 2;  // a block's 4-bit codes, 16 rows
+// bytes of codes per 32-wide block of a tile (see the layout above)
+constexpr int64_t block_code_bytes(int64_t qtype) {
+  return byte_codes(qtype) ? kBlock * kTile : kNibbleBytes + (five_bit(qtype) ? kBlock * 2 : 0);
+}
+
+// f(std::integral_constant<int64_t, QT>{}) for the runtime type id qtype (checked before)
+template <typename F>
+void dispatch(int64_t qtype, F f) {
+  switch (qtype) {
+    case kQ4_0: f(std::integral_constant<int64_t, kQ4_0>{}); break;
+    case kQ4_1: f(std::integral_constant<int64_t, kQ4_1>{}); break;
+    case kQ8_0: f(std::integral_constant<int64_t, kQ8_0>{}); break;
+    case kQ8_16: f(std::integral_constant<int64_t, kQ8_16>{}); break;
+    case kQ5_0: f(std::integral_constant<int64_t, kQ5_0>{}); break;
+    default: f(std::integral_constant<int64_t, kQ5_1>{}); break;
+  }
+}
 
 struct Packed {
   const uint8_t* codes;
@@ -49,34 +75,47 @@ struct Packed {
   int64_t tile_scales;      // floats of d (and of m) per tile
 };
 
-// One weight: row j of a tile at k, with that row's scale d and minimum m (used by the portable
-// kernel and by row lookups; the vector kernels below do the same arithmetic 16 rows at a time).
+// One weight: row j of a tile (codes: the tile's) at k, with that row's scale d and minimum m
+// (used by the portable kernel and by row lookups; the vector kernels below do the same
+// arithmetic 16 rows at a time).
 template <int64_t QT>
 inline float dequant_one(const uint8_t* codes, int64_t k, int64_t j, float d, float m) {
+  const uint8_t* block = codes + (k / kBlock) * block_code_bytes(QT);
+  const int64_t kk = k % kBlock;
   if constexpr (byte_codes(QT)) {
-    return static_cast<float>(static_cast<int8_t>(codes[k * kTile + j])) * d;
+    return static_cast<float>(static_cast<int8_t>(block[kk * kTile + j])) * d;
   } else {
-    const uint8_t byte = codes[(k / 2) * kTile + j];
-    const int q = (k % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
-    if constexpr (QT == kQ4_1) {
+    const uint8_t byte = block[(kk / 2) * kTile + j];
+    int q = (kk % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+    if constexpr (five_bit(QT)) {
+      q |= ((block[kNibbleBytes + kk * 2 + j / 8] >> (j % 8)) & 1) << 4;
+    }
+    if constexpr (has_min(QT)) {
       return d * static_cast<float>(q) + m;
     } else {
-      return d * static_cast<float>(q - 8);
+      return d * static_cast<float>(q - (QT == kQ5_0 ? 16 : 8));
     }
   }
 }
 
 #if defined(__AVX512F__)
 
+// 16 rows' weights at one k; high: the rows whose code has bit 4 set (five-bit types only)
 template <int64_t QT>
-inline __m512 dequant(__m128i codes16, __m512 d, __m512 m) {
+inline __m512 dequant(__m128i codes16, __m512 d, __m512 m, __mmask16 high) {
   if constexpr (byte_codes(QT)) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes16)), d);
-  } else if constexpr (QT == kQ4_1) {
-    return _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes16))), m);
   } else {
-    const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(codes16), _mm512_set1_epi32(8));
-    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(q));
+    __m512i q = _mm512_cvtepu8_epi32(codes16);
+    if constexpr (five_bit(QT)) {
+      q = _mm512_mask_add_epi32(q, high, q, _mm512_set1_epi32(16));
+    }
+    if constexpr (has_min(QT)) {
+      return _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m);
+    } else {
+      q = _mm512_sub_epi32(q, _mm512_set1_epi32(QT == kQ5_0 ? 16 : 8));
+      return _mm512_mul_ps(d, _mm512_cvtepi32_ps(q));
+    }
   }
 }
 
@@ -87,13 +126,16 @@ inline void dequant_pair(const uint8_t* block_codes, int64_t j, __m512 d_lo, __m
                          __m512 m, __m512& w0, __m512& w1) {
   const __m512 d = j < kBlock / 4 ? d_lo : d_hi;
   if constexpr (byte_codes(QT)) {
-    w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m);
-    w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m);
+    w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m, 0);
+    w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m, 0);
   } else {
+    uint32_t high = 0;  // bit j: row j's fifth bit at k = 2j (low half) and 2j + 1 (high half)
+    if constexpr (five_bit(QT)) std::memcpy(&high, block_codes + kNibbleBytes + 4 * j, 4);
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + j * kTile));
-    w0 = dequant<QT>(_mm_and_si128(c, low4), d, m);
-    w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m);
+    w0 = dequant<QT>(_mm_and_si128(c, low4), d, m, static_cast<__mmask16>(high & 0xFFFF));
+    w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m,
+                     static_cast<__mmask16>(high >> 16));
   }
 }
 
@@ -103,12 +145,12 @@ inline void for_each_block(const Packed& p, int64_t tile, Visit visit) {
   constexpr int64_t per_block = kBlock / scale_span(QT);  // scale vectors per 32-wide block
   const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
   const float* dt = p.d + tile * p.tile_scales;
-  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+  const float* mt = has_min(QT) ? p.m + tile * p.tile_scales : nullptr;
   for (int64_t b = 0; b < p.k / kBlock; ++b) {
     const __m512 d_lo = _mm512_loadu_ps(dt + b * per_block * kTile);
     const __m512 d_hi = per_block == 1 ? d_lo : _mm512_loadu_ps(dt + (b * per_block + 1) * kTile);
-    const __m512 m = QT == kQ4_1 ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
-    visit(b, d_lo, d_hi, m, codes + b * kBlock * kTile / (byte_codes(QT) ? 1 : 2));
+    const __m512 m = has_min(QT) ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
+    visit(b, d_lo, d_hi, m, codes + b * block_code_bytes(QT));
   }
 }
 
@@ -210,7 +252,7 @@ void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, flo
   float acc[R][kTile] = {};
   const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
   const float* dt = p.d + tile * p.tile_scales;
-  const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+  const float* mt = has_min(QT) ? p.m + tile * p.tile_scales : nullptr;
   for (int64_t k = 0; k < p.k; ++k) {
     const int64_t b = k / scale_span(QT);
     float w[kTile];
@@ -276,23 +318,23 @@ void quant_matmul(const float* x, int64_t rows, const Packed& p, int64_t n, floa
 
 Packed check_packed(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
                     int64_t qtype, int64_t n, int64_t k) {
-  TORCH_CHECK(qtype >= kQ4_0 && qtype <= kQ8_16, "unknown quant type ", qtype);
+  TORCH_CHECK(qtype >= kQ4_0 && qtype <= kLastType, "unknown quant type ", qtype);
   TORCH_CHECK(k > 0 && k % kBlock == 0, "in_features must be a multiple of 32, got ", k);
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t per_k = byte_codes(qtype) ? kTile : kTile / 2;
+  const int64_t tile_code_bytes = (k / kBlock) * block_code_bytes(qtype);
   const int64_t tile_scales = (k / scale_span(qtype)) * kTile;
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte &&
-                  codes.is_contiguous() && codes.numel() == tiles * k * per_k,
-              "codes must be a contiguous uint8 CPU tensor of ", tiles * k * per_k, " bytes");
+                  codes.is_contiguous() && codes.numel() == tiles * tile_code_bytes,
+              "codes must be a contiguous uint8 CPU tensor of ", tiles * tile_code_bytes, " bytes");
   TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() &&
                   d.numel() == tiles * tile_scales,
               "d must be a contiguous float32 tensor [N/16, K/span, 16]");
-  if (qtype == kQ4_1) {
+  if (has_min(qtype)) {
     TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.numel() == d.numel(),
                 "m must be a contiguous float32 tensor shaped like d");
   }
   return Packed{codes.data_ptr<uint8_t>(), d.data_ptr<float>(),
-                qtype == kQ4_1 ? m.data_ptr<float>() : nullptr, k, k * per_k, tile_scales};
+                has_min(qtype) ? m.data_ptr<float>() : nullptr, k, tile_code_bytes, tile_scales};
 }
 
 // out[i, :] = dequantized row ids[i]
@@ -302,7 +344,7 @@ void lookup_rows(const int64_t* ids, int64_t t, const Packed& p, float* out) {
     const int64_t tile = ids[i] / kTile, j = ids[i] % kTile;
     const uint8_t* codes = p.codes + tile * p.tile_code_bytes;
     const float* dt = p.d + tile * p.tile_scales;
-    const float* mt = QT == kQ4_1 ? p.m + tile * p.tile_scales : nullptr;
+    const float* mt = has_min(QT) ? p.m + tile * p.tile_scales : nullptr;
     for (int64_t k = 0; k < p.k; ++k) {
       const int64_t s = (k / scale_span(QT)) * kTile + j;
       out[i * p.k + k] = dequant_one<QT>(codes, k, j, dt[s], mt ? mt[s] : 0.0f);
@@ -324,12 +366,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   if (x.size(0) == 0) return out;
   const float* xp = xc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  switch (qtype) {
-    case kQ4_0: quant_matmul<kQ4_0>(xp, x.size(0), p, n, op); break;
-    case kQ4_1: quant_matmul<kQ4_1>(xp, x.size(0), p, n, op); break;
-    case kQ8_0: quant_matmul<kQ8_0>(xp, x.size(0), p, n, op); break;
-    default: quant_matmul<kQ8_16>(xp, x.size(0), p, n, op); break;
-  }
+  dispatch(qtype, [&](auto qt) { quant_matmul<decltype(qt)::value>(xp, x.size(0), p, n, op); });
   return out;
 }
 
@@ -347,12 +384,7 @@ at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& codes, const at::
   }
   at::Tensor out = at::empty({t, k}, d.options());
   float* o_ptr = out.data_ptr<float>();
-  switch (qtype) {
-    case kQ4_0: lookup_rows<kQ4_0>(id_ptr, t, p, o_ptr); break;
-    case kQ4_1: lookup_rows<kQ4_1>(id_ptr, t, p, o_ptr); break;
-    case kQ8_0: lookup_rows<kQ8_0>(id_ptr, t, p, o_ptr); break;
-    default: lookup_rows<kQ8_16>(id_ptr, t, p, o_ptr); break;
-  }
+  dispatch(qtype, [&](auto qt) { lookup_rows<decltype(qt)::value>(id_ptr, t, p, o_ptr); });
   return out;
 }
 
