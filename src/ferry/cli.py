@@ -1,4 +1,4 @@
-"""`ferry serve | gateway | plan | bench | models | generate | chat`.
+"""`ferry serve | gateway | plan | bench | models | pull | rm | generate | chat`; `ferry --version`.
 
 Each subcommand lives in a module exposing ``add_arguments(parser, command)`` and ``run(args) -> int``
 (``args.command`` names the subcommand);
@@ -11,13 +11,17 @@ import argparse
 import importlib
 import sys
 
+from ferry.version import __version__
+
 # subcommand -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ferry.server.command", "serve a model over an OpenAI-compatible HTTP API"),
     "gateway": ("ferry.gateway.command", "one OpenAI endpoint over on-prem replicas and cloud APIs"),
     "plan": ("ferry.planner.command", "VRAM, throughput and cost for on-prem, cloud, API and hybrid"),
     "bench": ("ferry.bench.command", "load-test OpenAI-compatible endpoints"),
-    "models": ("ferry.engine.commands", "list the built-in model names"),
+    "models": ("ferry.engine.commands", "list the built-in models and the Hub models in the cache"),
+    "pull": ("ferry.engine.commands", "download a Hugging Face Hub model (org/name or org/name:QUANT)"),
+    "rm": ("ferry.engine.commands", "remove a cached Hub model, or one quant of it (org/name:QUANT)"),
     "generate": ("ferry.engine.commands", "generate text offline from a prompt"),
     "chat": ("ferry.engine.commands", "chat interactively with a model, streaming tokens"),
 }
@@ -25,6 +29,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="Ferry: an LLM serving stack.")
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in _COMMANDS else None
     for name, (module_name, help_text) in _COMMANDS.items():

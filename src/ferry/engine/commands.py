@@ -1,4 +1,5 @@
-"""`ferry models`, `ferry generate "prompt"` and `ferry chat` (interactive, streamed)."""
+"""`ferry models | pull | rm` (built-in and cached Hub models), `ferry generate "prompt"` and
+`ferry chat` (interactive, streamed)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,27 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    if command == "models":
+    if command in ("models", "pull", "rm"):
+        if command != "models":
+            parser.add_argument("model", help="Hub repo id: org/name, or org/name:QUANT for one GGUF quant")
+        if command == "pull":
+            _add_hub_arguments(parser)
+        else:
+            parser.add_argument("--download-dir", default=None,
+                                help="the cache folder used by pull (default: the huggingface_hub cache)")
         return
     if command == "generate":
         parser.add_argument("prompt", help="the prompt (sent through the chat template unless --raw)")
         parser.add_argument("--raw", action="store_true", help="complete the text as is, no chat template")
     parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="built-in name, .gguf file or Hugging Face folder")
+                        help="built-in name, .gguf file, Hugging Face folder, or Hub repo id "
+                             "(org/name, org/name:QUANT)")
+    _add_hub_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
-                        help="auto: keep GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights quantized "
-                             "(float32, CPU); "
+                        help="auto: keep GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K "
+                             "weights quantized (float32, CPU); "
                              "dense: dequantize them at load")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -39,9 +49,25 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="KV pool bytes")
 
 
+def _add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main)")
+    parser.add_argument("--download-dir", default=None,
+                        help="download into this folder instead of the huggingface_hub cache (HF_HOME)")
+    parser.add_argument("--gguf-file", default=None,
+                        help="which .gguf of a GGUF repo (instead of a :QUANT tag)")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.command == "models":
-        return _models()
+    if args.command in ("models", "pull", "rm"):
+        from ferry.hub import HubError
+
+        _show_hub_log()
+        try:
+            return {"models": _models, "pull": _pull, "rm": _rm}[args.command](args)
+        except HubError as exc:
+            print(f"ferry {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    _show_hub_log()
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -54,13 +80,61 @@ def run(args: argparse.Namespace) -> int:
     return _chat(llm, args, params)
 
 
-def _models() -> int:
+def _show_hub_log() -> None:
+    """Downloads log one line per file (no progress bar off a terminal): show them on stderr
+    unless logging is configured already."""
+    hub_logger = logging.getLogger("ferry.hub")
+    if logging.getLogger().handlers or hub_logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    hub_logger.addHandler(handler)
+    hub_logger.setLevel(logging.INFO)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ferry.hub import cache_dir, list_cached
     from ferry.loader import list_models
 
+    print("built-in models:")
     for m in list_models():
         state = f"installed at {m.path}" if m.installed else f"not installed ({m.install_hint})"
-        print(f"{m.name:28} {m.description}\n{'':28} {state}")
+        print(f"  {m.name:40} {m.description}\n  {'':40} {state}")
+    cached = list_cached(args.download_dir)
+    print(f"Hugging Face Hub models in {cache_dir(args.download_dir)}:")
+    if not cached:
+        print("  (none; download one with `ferry pull org/name`)")
+    for c in cached:
+        print(f"  {c.repo_id:40} {_size(c.size_bytes):>10}")
+        for q in c.quants:
+            shards = f" (+{len(q.files) - 1} shards)" if len(q.files) > 1 else ""
+            print(f"    {c.repo_id}:{q.label:<{max(1, 38 - len(c.repo_id))}} {_size(q.size_bytes):>10}  "
+                  f"{q.files[0]}{shards}")
     return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from ferry.hub import resolve
+
+    path = resolve(args.model, revision=args.revision, download_dir=args.download_dir,
+                   gguf_file=args.gguf_file)
+    print(path)
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from ferry.hub import remove
+
+    removed = remove(args.model, args.download_dir)
+    print(f"removed {removed.repo_id} ({removed.what}): freed {_size(removed.freed_bytes)}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _load(args: argparse.Namespace) -> LLM:
@@ -68,7 +142,8 @@ def _load(args: argparse.Namespace) -> LLM:
     from ferry.engine.llm_engine import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device,
-               kv_cache_memory=args.kv_cache_memory, weight_format=args.weight_format)
+               kv_cache_memory=args.kv_cache_memory, weight_format=args.weight_format,
+               revision=args.revision, download_dir=args.download_dir, gguf_file=args.gguf_file)
 
 
 def _messages(args: argparse.Namespace, history: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -285,11 +285,17 @@ def _model_aliases() -> dict[str, str]:
 
 
 def resolve_model(spec: str) -> ModelSpec:
-    """A catalogue name or alias, a ``config.json``, a Hugging Face folder, or a ``.gguf`` file."""
+    """A catalogue name or alias, a ``config.json``, a Hugging Face folder, a ``.gguf`` file, or a
+    Hub repo id (``org/name``, ``org/name:QUANT``)."""
     text = spec.strip()
     name = _model_aliases().get(text.lower())
     if name is not None:
         return load_models()[name]
+    # NOTE: imported here: huggingface_hub loads only when a spec is not a catalogue name
+    from ferry.hub import is_repo_id
+
+    if is_repo_id(text):
+        return model_from_hub(text)
     path = Path(text).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -304,6 +310,27 @@ def resolve_model(spec: str) -> ModelSpec:
         return model_from_hf_config(path)
     raise PlannerError(f"unknown model {spec!r}: not a catalogue name ({', '.join(load_models())}) "
                        "nor an existing config.json, folder or .gguf file")
+
+
+def model_from_hub(spec: str, *, revision: str | None = None, download_dir: str | None = None,
+                   gguf_file: str | None = None) -> ModelSpec:
+    """A Hub repo's shape, as ``ferry serve`` would load it: only ``config.json`` of a safetensors
+    repo is downloaded; of a GGUF repo, the chosen quant's file (its tensor table gives the bytes)."""
+    from ferry.hub import HubError, resolve_config
+
+    try:
+        path = resolve_config(spec, revision=revision, download_dir=download_dir, gguf_file=gguf_file)
+    except HubError as e:
+        raise PlannerError(str(e)) from e
+    if path.suffix.lower() == ".gguf":
+        return model_from_gguf(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlannerError(f"cannot read config.json of {spec!r}: {e}") from e
+    if not isinstance(data, dict):
+        raise PlannerError(f"config.json of {spec!r} is not a JSON object")
+    return model_from_hf_dict(data, name=spec.split(":", 1)[0].rsplit("/", 1)[-1], source=spec)
 
 
 def model_from_hf_config(path: Path) -> ModelSpec:
