@@ -23,6 +23,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from ferry.batch.request import parent_request_id
 from ferry.config import EngineConfig
@@ -170,6 +171,11 @@ class AsyncEngine:
             streams = list(self._streams.values())
         for stream in streams:
             stream.put(kind(reason))  # one exception per stream: each gets its own traceback
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The model's sampling defaults (``--generation-config``), keyed as SamplingParams fields."""
+        return self.engine.generation_defaults
 
     def stats(self) -> EngineStats:
         """A snapshot taken by the engine thread after its latest step."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import itertools
+import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -13,22 +17,96 @@ from ferry.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ferry.engine.core import EngineCore, EngineStats
 from ferry.engine.detokenizer import IncrementalDetokenizer
 from ferry.engine.output_processor import OutputProcessor, RequestState
-from ferry.loader import load_model
+from ferry.jsonfile import read_json_object
+from ferry.loader import LoadedModel, load_model, load_tokenizer
+from ferry.loader.safetensors_dir import sampling_defaults
 from ferry.outputs import CompletionOutput, RequestOutput
+from ferry.runner.model_runner import resolve_device
 from ferry.sampling_params import SamplingParams
 from ferry.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 # A prompt is text, or vLLM's token form {"prompt_token_ids": [...]}; a raw id list is accepted too.
 PromptType = Union[str, dict[str, Any], Sequence[int]]
 
+# generation_config.json keys -> the SamplingParams fields they are defaults for
+_DEFAULT_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                   "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                   "max_new_tokens": "max_tokens"}
+
+
+def resolve_dtype(dtype: str, device: torch.device, native_dtype: str | None) -> str:
+    """``--dtype auto`` as vLLM reads it, for the device ferry runs on.
+
+    CPU: float32 (ferry's kernels and its CPU path compute in float32). CUDA: the checkpoint's
+    dtype, except that a float32 checkpoint runs in bfloat16 as in vLLM (half the memory), and a
+    GGUF file (no native dtype) in bfloat16; float16 where the GPU has no bfloat16.
+    """
+    if dtype != "auto":
+        return dtype
+    if device.type != "cuda":
+        return "float32"
+    wanted = native_dtype if native_dtype in ("bfloat16", "float16") else "bfloat16"
+    if wanted == "bfloat16" and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return wanted
+
+
+def read_chat_template(value: str) -> str:
+    """``--chat-template``: a file's path, or the template itself (as vLLM tells them apart)."""
+    path = Path(value).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        # NOTE: vLLM's rule: text holding none of "{", "}" or a newline was meant as a path.
+        if not any(c in value for c in "{}\n"):
+            raise ValueError(f"chat template {value!r} looks like a file path but cannot be "
+                             f"read: {exc}") from exc
+    # NOTE: as vLLM, escapes typed on a command line ("\\n") mean the characters they name (only
+    # in ASCII text: decoding escapes would garble other characters)
+    return codecs.decode(value, "unicode_escape") if value.isascii() else value
+
+
+def generation_defaults(setting: str, loaded: LoadedModel) -> dict[str, Any]:
+    """``--generation-config``: "auto" -> the model's generation_config.json sampling defaults,
+    "vllm" -> none, else a folder whose generation_config.json gives them."""
+    if setting == "vllm":
+        return {}
+    if setting == "auto":
+        return dict(loaded.generation_defaults)
+    folder = Path(setting).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"generation config {setting!r} is not auto, vllm or a folder")
+    return sampling_defaults(read_json_object(folder / "generation_config.json"))
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        loaded = load_model(config.model.model)
-        torch.manual_seed(config.model.seed)
+        m = config.model
+        loaded = load_model(m.model, revision=m.revision, download_dir=m.download_dir,
+                            gguf_file=m.gguf_file)
+        torch.manual_seed(m.seed)
+        dtype = resolve_dtype(m.dtype, resolve_device(m.device), loaded.native_dtype)
+        if dtype != m.dtype:
+            logger.info("dtype auto: %s", dtype)
+            config = dataclasses.replace(config, model=dataclasses.replace(m, dtype=dtype))
         self.config = config
         self.model_name = loaded.name
-        self.tokenizer: Tokenizer = loaded.tokenizer
+        # NOTE: --revision is the model's (vLLM has --tokenizer-revision for the tokenizer's)
+        self.tokenizer: Tokenizer = (load_tokenizer(m.tokenizer, download_dir=m.download_dir)
+                                     if m.tokenizer else loaded.tokenizer)
+        if m.chat_template is not None:
+            self.tokenizer.replace_chat_template(read_chat_template(m.chat_template))
+        # Sampling defaults for requests that leave a field unset (the server applies them;
+        # ``max_tokens`` is applied here, where the prompt's length is known).
+        self.generation_defaults: dict[str, Any] = {
+            _DEFAULT_FIELDS[k]: v for k, v in generation_defaults(m.generation_config, loaded).items()
+            if k in _DEFAULT_FIELDS}
+        if self.generation_defaults:
+            logger.info("sampling defaults from the generation config (%s): %s; "
+                        "--generation-config vllm turns them off", m.generation_config,
+                        self.generation_defaults)
         self.arch = loaded.arch
         self.core = EngineCore(config, loaded.arch, loaded.weights)
         self.max_model_len = self.core.max_model_len
@@ -50,7 +128,10 @@ class LLMEngine:
         if n_prompt >= self.max_model_len:
             raise ValueError(f"prompt is {n_prompt} tokens but the model's context is "
                              f"{self.max_model_len} tokens")
-        max_tokens = params.max_tokens or self.max_model_len - n_prompt
+        # NOTE: a max_tokens default from the generation config caps what is left of the context
+        # (as vLLM); only an explicit max_tokens past the context is an error.
+        left = self.max_model_len - n_prompt
+        max_tokens = params.max_tokens or min(left, self.generation_defaults.get("max_tokens", left))
         if n_prompt + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
@@ -136,9 +217,12 @@ class LLM:
                  block_size: int = 16, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, num_gpu_blocks_override: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 enable_chunked_prefill: bool = True, weight_format: str = "auto") -> None:
+                 enable_chunked_prefill: bool = True, weight_format: str = "auto",
+                 revision: str | None = None, download_dir: str | None = None,
+                 gguf_file: str | None = None) -> None:
         config = EngineConfig(
-            ModelConfig(model, dtype, device, max_model_len, seed, weight_format),
+            ModelConfig(model, dtype, device, max_model_len, seed, weight_format, revision=revision,
+                        download_dir=download_dir, gguf_file=gguf_file),
             CacheConfig(block_size, kv_cache_memory, enable_prefix_caching,
                         num_gpu_blocks_override),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill))
@@ -149,12 +233,20 @@ class LLM:
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams()`` with the generation config's defaults (vLLM's method of this name);
+        what ``generate`` uses when given none."""
+        defaults = dict(self.engine.generation_defaults)
+        if "max_tokens" in defaults:  # NOTE: the engine caps it by what the context leaves
+            defaults["max_tokens"] = None
+        return SamplingParams(**defaults)
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in input order."""
         prompt_list = self._as_list(prompts)
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         param_list = ([params] * len(prompt_list) if isinstance(params, SamplingParams)
                       else list(params))
         if len(param_list) != len(prompt_list):

@@ -23,6 +23,7 @@ from ferry.batch.request import Request
 from ferry.config import ArchConfig, CacheConfig, ModelConfig
 from ferry.kernels.build import KernelUnavailableError, load_cpu_kernels
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
+from ferry.model.layers.linear import PackedWeight
 from ferry.model.llama import KVCache, Weight
 from ferry.model.registry import build_model
 from ferry.outputs import Logprob
@@ -68,7 +69,10 @@ class ModelRunner:
                         self.num_packed_layers)
         model.init_buffers(self.device)  # type: ignore[operator]  # rotary tables stay float32
         self.model = model.eval()
-        self.num_blocks = num_kv_blocks(arch, cache_config, self.dtype, self.device)
+        # NOTE: on CPU the packed GGUF blocks count as packed; on a GPU the allocator is asked
+        self.num_blocks = num_kv_blocks(
+            arch, cache_config, self.dtype, self.device,
+            weight_bytes=None if self.device.type == "cuda" else self.weight_bytes)
         shape = (self.num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
         # NOTE: zero-filled, not empty: padded attention reads stale slots under a mask, and a NaN
         # there would survive a zero attention weight.
@@ -99,6 +103,13 @@ class ModelRunner:
                            "are dequantized to float32 and attention runs on PyTorch ops")
             return None
         return kernels
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights hold as loaded: dense parameters, and packed GGUF blocks as packed."""
+        # NOTE: the rope tables are buffers too, but no weights (the file does not hold them)
+        packed = [b for m in self.model.modules() if isinstance(m, PackedWeight) for b in m.buffers()]
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *packed])
 
     @property
     def kv_cache_bytes(self) -> int:

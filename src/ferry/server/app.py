@@ -6,9 +6,14 @@ a worker thread, so a slow load never blocks the HTTP server.
 
 Middleware, outermost first::
 
-    AccessLogMiddleware   one log line per request, x-request-id header
+    AccessLogMiddleware   one log line per request (unless --disable-log-requests), x-request-id header
+    CORSMiddleware        only with --allowed-origins: preflights answered before any check
     GuardMiddleware       draining -> 503, API key on /v1 -> 401, body size -> 413
     FastAPI routes        /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, ...
+
+``--root-path /prefix`` (a proxy serves ferry under a prefix) goes to FastAPI, as in vLLM: routes
+answer both ``/prefix/v1/...`` (the proxy forwards the path as is) and ``/v1/...`` (it strips it),
+and the middleware judges the path with the prefix removed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ferry.config import SchedulerConfig, ServerConfig
@@ -52,7 +59,8 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        # NOTE: the path without --root-path's prefix: "/prefix/v1/..." must not escape the API key
+        path = get_route_path(scope)
         cfg = self.state.config
         if self.state.draining and path != "/metrics":
             await _send_error(send, OpenAIError(503, "the server is shutting down",
@@ -174,12 +182,19 @@ def build_app(engine: AsyncEngine | EngineLoader, config: ServerConfig, *,
                 await asyncio.to_thread(state.engine.shutdown)
 
     app = FastAPI(title="ferry", version=__version__, lifespan=lifespan, docs_url=None,
-                  redoc_url=None)
+                  redoc_url=None, root_path=config.root_path)
     app.state.ferry = state
     install_error_handlers(app)
     publish_request_models(app, REQUEST_MODELS)
     for router in (chat_router, completions_router, models_router, admin_router):
         app.include_router(router)
     app.add_middleware(GuardMiddleware, state=state)
-    app.add_middleware(AccessLogMiddleware)
+    if config.allowed_origins:
+        # NOTE: outside the guard: a browser's preflight carries no API key, and a 401 or 503
+        # needs CORS headers for the page to read it.
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=list(config.allowed_methods),
+                           allow_headers=list(config.allowed_headers),
+                           allow_credentials=config.allow_credentials)
+    app.add_middleware(AccessLogMiddleware, enabled=config.log_requests)
     return app

@@ -3,15 +3,20 @@ can name the offending field (the engine would only say that something is wrong)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ferry.openai_errors import bad_request
 from ferry.sampling_params import SamplingParams
-from ferry.server.protocol import ChatCompletionRequest, CompletionRequest
+from ferry.server.protocol import NO_DEFAULTS, ChatCompletionRequest, CompletionRequest
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest,
-                    vocab_size: int) -> SamplingParams:
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, vocab_size: int,
+                    defaults: Mapping[str, Any] = NO_DEFAULTS) -> SamplingParams:
+    """The request's ``SamplingParams``; ``defaults`` (the model's generation config) fill the
+    fields it leaves unset."""
     try:
-        params = req.to_sampling_params()
+        params = req.to_sampling_params(defaults)
     except ValueError as exc:
         # SamplingParams' messages start with the field name ("top_k must be ...").
         first = str(exc).split(" ", 1)[0]

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import re
 import signal
 import sys
 import threading
@@ -26,101 +24,21 @@ from types import FrameType
 
 import uvicorn
 
-from ferry.config import (
-    WEIGHT_FORMATS,
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-    ServerConfig,
-)
 from ferry.engine.async_engine import AsyncEngine
+from ferry.engine.preflight import check as preflight_check
 from ferry.server.app import build_app
+from ferry.server.flags import (
+    add_arguments,
+    configs_from_args,
+    parse_bytes,
+    uvicorn_options,
+)
 from ferry.server.logging import configure_logging
 from ferry.server.state import ServerState, get_state
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '512MiB', '2GB', '1.5gib' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 2GiB, 512MB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    defaults_s, defaults_c, defaults_m = ServerConfig(), CacheConfig(), ModelConfig()
-    defaults_sched = SchedulerConfig()
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=defaults_m.model,
-                   help="built-in model name, a .gguf file or a Hugging Face folder "
-                        "(default: %(default)s)")
-    g.add_argument("--served-model-name", default=None,
-                   help="the name clients put in `model` (default: the model's own name)")
-    g.add_argument("--dtype", default=defaults_m.dtype, choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default=defaults_m.device, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--weight-format", default=defaults_m.weight_format, choices=WEIGHT_FORMATS,
-                   help="auto: GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights stay quantized on ferry's "
-                        "CPU kernels (float32 on CPU); dense: dequantize every weight to --dtype "
-                        "(default: %(default)s)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length in tokens (default: the model's)")
-    g.add_argument("--seed", type=int, default=defaults_m.seed, help="engine seed")
-    e = parser.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=defaults_sched.max_num_seqs,
-                   help="sequences in the running batch (default: %(default)s)")
-    e.add_argument("--max-num-batched-tokens", type=int,
-                   default=defaults_sched.max_num_batched_tokens,
-                   help="token budget of one engine step (default: %(default)s)")
-    e.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="bytes for the KV cache, e.g. 512MiB (default: a share of free memory)")
-    e.add_argument("--block-size", type=int, default=defaults_c.block_size,
-                   help="tokens per KV block (default: %(default)s)")
-    e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    s = parser.add_argument_group("server")
-    s.add_argument("--host", default=defaults_s.host, help="(default: %(default)s)")
-    s.add_argument("--port", type=int, default=defaults_s.port, help="(default: %(default)s)")
-    s.add_argument("--api-key", default=os.environ.get("FERRY_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1 routes (default: env "
-                        "FERRY_API_KEY; none: open)")
-    s.add_argument("--max-queue", type=int, default=defaults_s.max_queue,
-                   help="sequences that may wait beyond --max-num-seqs before new requests get "
-                        "429 (default: %(default)s)")
-    s.add_argument("--max-body-bytes", type=parse_bytes, default=defaults_s.max_body_bytes,
-                   help="largest request body; bigger ones get 413 (default: %(default)s)")
-    s.add_argument("--shutdown-timeout", type=float, default=defaults_s.shutdown_timeout,
-                   help="seconds running requests may finish after SIGTERM (default: %(default)s)")
-    s.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    s.add_argument("--log-format", default=defaults_s.log_format, choices=["text", "json"])
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
-    """Build (and so validate) the frozen configs; ValueError names the bad field."""
-    engine = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                          max_model_len=args.max_model_len, seed=args.seed,
-                          weight_format=args.weight_format),
-        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens),
-    )
-    server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
-                          api_key=args.api_key or None, max_queue=args.max_queue,
-                          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                          log_format=args.log_format)
-    if server.max_body_bytes <= 0:
-        raise ValueError(f"max_body_bytes must be positive, got {server.max_body_bytes}")
-    if server.shutdown_timeout < 0:
-        raise ValueError(f"shutdown_timeout must be >= 0, got {server.shutdown_timeout}")
-    return engine, server
+__all__ = ["DrainingServer", "add_arguments", "configs_from_args", "parse_bytes", "run"]
 
 
 class DrainingServer(uvicorn.Server):
@@ -227,6 +145,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, server_config.log_format)
+    if args.trust_remote_code:
+        logger.info("--trust-remote-code has no effect: ferry never runs code from a model "
+                    "repository")
+    try:
+        # NOTE: before HTTP starts: a model that cannot be found or cannot fit is one line and
+        # exit 2, not a server that answers 503 and then dies.
+        preflight_check(engine_config)
+    except ValueError as exc:
+        print(f"ferry serve: {exc}", file=sys.stderr)
+        return 2
     # NOTE: the engine loop owns the main thread (PyTorch's OpenMP pool runs small matmuls ~3x
     # slower from other threads); HTTP runs on a second thread and gets the engine once loaded,
     # so /health answers 503 meanwhile.
@@ -235,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
                     max_num_seqs=engine_config.scheduler.max_num_seqs)
     uv_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                log_config=None, access_log=False, lifespan="on",
-                               timeout_graceful_shutdown=DrainingServer.GRACE_S)
+                               timeout_graceful_shutdown=DrainingServer.GRACE_S,
+                               **uvicorn_options(server_config))
     server = DrainingServer(uv_config, get_state(app))
 
     def serve_http() -> None:

@@ -50,10 +50,12 @@ Engine = Annotated[AsyncEngine, Depends(ready_engine)]
 
 
 def check_model(state: ServerState, model: str | None) -> str:
-    """The served model name; a 404 when the client asked for another model."""
+    """The name responses carry (the first served name, as vLLM); a 404 when the client asked for
+    a model this server does not serve under any of its names."""
     name = state.served_model_name or ""
-    if model is not None and model != name:
-        raise OpenAIError(404, f"The model `{model}` does not exist. This server serves `{name}`.",
+    if model is not None and model not in state.served_model_names:
+        served = ", ".join(f"`{n}`" for n in state.served_model_names) or f"`{name}`"
+        raise OpenAIError(404, f"The model `{model}` does not exist. This server serves {served}.",
                           param="model", code="model_not_found")
     return name
 
@@ -88,7 +90,8 @@ def json_body(model: type[M]) -> JSONBody[M]:
             try:
                 # NOTE: the models are strict (protocol._Request): "stream": "yes" is a 400, as
                 # in OpenAI's API, not True.
-                return model.model_validate(obj)
+                return model.model_validate(obj, context={
+                    "max_logprobs": get_state(request.app).config.max_logprobs})
             except ValidationError as exc:
                 raise validation_error_to_openai(list(exc.errors())) from exc
         except OpenAIError as error:

@@ -56,9 +56,13 @@ def log_info_of(scope: Scope) -> RequestLogInfo | None:
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """The request log; ``enabled=False`` (``--disable-log-requests``) writes no lines but still
+    gives each request its id (``x-request-id``) and its log info for the routes to fill."""
+
+    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
         self.app = app
         self.logger = logging.getLogger(ACCESS_LOGGER)
+        self.enabled = enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,6 +96,8 @@ class AccessLogMiddleware:
         if info.logged:
             return
         info.logged = True
+        if not self.enabled:
+            return
         f = info.fields()
         self.logger.info(
             "%s %s %s %s prompt_tokens=%s completion_tokens=%s ttft_ms=%s total_ms=%s%s",

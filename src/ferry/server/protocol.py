@@ -6,7 +6,10 @@ Requests forbid unknown fields with a value: an unknown field set to something i
 server does not have, and the caller hears so (400) instead of getting a silently different answer.
 An unknown field that is null or empty (``tool_calls: null``, ``refusal: null``,
 ``reasoning_effort: null``, ``functions: []``, as LiteLLM, LangChain and replayed chat histories
-send) asks for nothing and is dropped. Fields OpenAI defines but we do not implement (``tools``,
+send) asks for nothing and is dropped.
+Sampling fields a request leaves unset (or null) take the server's defaults (``--generation-config``,
+``to_sampling_params(defaults)``), else OpenAI's. The most logprobs a request may ask for is
+``--max-logprobs``, given as the validation context ``{"max_logprobs": N}`` (20 without one). Fields OpenAI defines but we do not implement (``tools``,
 ``response_format`` other than text, ``logit_bias``, ``suffix``) are declared so that the error
 can say exactly that; harmless bookkeeping fields (``user``, ``store``, ``metadata``,
 ``service_tier``) are accepted and ignored.
@@ -14,9 +17,17 @@ can say exactly that; harmless bookkeeping fields (``user``, ``store``, ``metada
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ferry.sampling_params import SamplingParams
 
@@ -30,6 +41,17 @@ class ParamError(ValueError):
 
 
 _EMPTY: tuple[Any, ...] = (None, [], {})
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default, and OpenAI's top_logprobs bound
+NO_DEFAULTS: Mapping[str, Any] = {}
+
+
+def _check_logprobs(value: int | None, info: ValidationInfo) -> int | None:
+    """``logprobs`` / ``top_logprobs`` against the server's ``--max-logprobs``."""
+    limit = (info.context or {}).get("max_logprobs", DEFAULT_MAX_LOGPROBS)
+    if value is not None and limit >= 0 and value > limit:
+        raise ValueError(f"Requested {info.field_name} of {value}, which is greater than the "
+                         f"maximum allowed ({limit}, the server's --max-logprobs)")
+    return value
 
 
 class _Request(BaseModel):
@@ -90,8 +112,8 @@ class _SamplingFields(_Request):
     service_tier: str | None = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
@@ -130,19 +152,26 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         defaults: Mapping[str, Any]) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+        def pick(name: str, builtin: float) -> Any:
+            value = getattr(self, name)
+            return defaults.get(name, builtin) if value is None else value
+
+        top_k = pick("top_k", -1)
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k in (None, 0) else self.top_k,
-            min_p=self.min_p,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=-1 if top_k == 0 else top_k,
+            min_p=pick("min_p", 0.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             seed=self.seed,
             stop=tuple(stops),
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -202,7 +231,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0)
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -222,6 +251,8 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("tool_choice is not supported by this server (no tool calling)")
         return v
 
+    _max_top_logprobs = field_validator("top_logprobs")(_check_logprobs)
+
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
@@ -231,10 +262,12 @@ class ChatCompletionRequest(_SamplingFields):
     def template_messages(self) -> list[dict[str, str]]:
         return [m.to_template() for m in self.messages]
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, Any] = NO_DEFAULTS) -> SamplingParams:
+        """``defaults``: sampling values for fields the request leaves unset (``max_tokens`` is
+        the engine's to apply, capped by the context)."""
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, defaults)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,8 +281,10 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     best_of: int | None = Field(None, ge=1)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0)
     suffix: str | None = None
+
+    _max_logprobs = field_validator("logprobs")(_check_logprobs)
 
     @field_validator("prompt")
     @classmethod
@@ -282,8 +317,12 @@ class CompletionRequest(_SamplingFields):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs)
+    def to_sampling_params(self, defaults: Mapping[str, Any] = NO_DEFAULTS) -> SamplingParams:
+        """As ``ChatCompletionRequest.to_sampling_params``; an unset ``max_tokens`` is 16 (OpenAI's
+        default) unless ``defaults`` has one, which the engine applies."""
+        unset = "max_tokens" not in self.model_fields_set
+        max_tokens = None if unset and "max_tokens" in defaults else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs, defaults)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ _body = json_body(ChatCompletionRequest)
 async def chat_completions(
         request: Request, req: Annotated[ChatCompletionRequest, Depends(_body.parse)], state: State,
         engine: Engine, model_name: Annotated[str, Depends(_body.model_name)]) -> Response:
-    params = sampling_params(req, engine.tokenizer.vocab_size)
+    params = sampling_params(req, engine.tokenizer.vocab_size, state.generation_defaults)
     try:
         ids = engine.tokenizer.encode_chat(req.template_messages(), add_generation_prompt=True)
     except (ValueError, TemplateError) as exc:

@@ -63,7 +63,7 @@ def _completion_prompts(req: CompletionRequest, engine: AsyncEngine,
 async def completions(
         request: Request, req: Annotated[CompletionRequest, Depends(_body.parse)], state: State,
         engine: Engine, model_name: Annotated[str, Depends(_body.model_name)]) -> Response:
-    params = sampling_params(req, engine.tokenizer.vocab_size)
+    params = sampling_params(req, engine.tokenizer.vocab_size, state.generation_defaults)
     prompts = _completion_prompts(req, engine, params)
     request_id = random_id("cmpl")
     gen = Generation(state, engine, request_id, [p.ids for p in prompts], params)

@@ -24,7 +24,10 @@ class ServerState:
     admission: AdmissionController
     engine: AsyncEngine | None = None
     metrics: ServerMetrics | None = None
-    served_model_name: str | None = None
+    served_model_name: str | None = None  # the name responses carry
+    served_model_names: tuple[str, ...] = ()  # every name requests may use, that one first
+    # sampling defaults for fields a request leaves unset (--generation-config)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     load_error: str | None = None
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
@@ -36,7 +39,12 @@ class ServerState:
 
     def set_engine(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.served_model_name = self.config.served_model_name or engine.model_name
+        self.served_model_names = self.config.served_model_names or (engine.model_name,)
+        self.served_model_name = self.served_model_names[0]
+        # NOTE: an engine given by an embedder or a test (not an AsyncEngine) has no generation
+        # config: its requests get OpenAI's defaults.
+        if isinstance(engine, AsyncEngine):
+            self.generation_defaults = dict(engine.generation_defaults)
         self.metrics = ServerMetrics(self.served_model_name, engine.max_model_len, engine.stats)
 
     def require_engine(self) -> AsyncEngine:
