@@ -69,10 +69,13 @@ ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 
 def convert(hf_dir: Path, out: Path, *, qtype: gguf.GGMLQuantizationType | None = None,
-            tokenizer_pre: str = SMOLLM_PRE, extra_metadata: dict[str, int] | None = None) -> Path:
+            tokenizer_pre: str = SMOLLM_PRE, extra_metadata: dict[str, int] | None = None,
+            split_max_tensors: int = 0) -> Path:
     """Write the GGUF llama.cpp would write for the HF folder `hf_dir`; 2-D weights in `qtype`
     (float32 when None; a tensor whose rows do not split into `qtype` blocks falls back to F16).
-    `extra_metadata`: integer keys added beyond llama.cpp's layout (e.g. Mistral's sliding window)."""
+    `extra_metadata`: integer keys added beyond llama.cpp's layout (e.g. Mistral's sliding window).
+    `split_max_tensors` > 0 splits the file as llama.cpp's gguf-split does (`-00001-of-0000N.gguf`,
+    metadata in the first shard); the first shard's path is returned."""
     qtype = qtype or gguf.GGMLQuantizationType.F32
     if qtype not in _FILE_TYPES:
         raise ValueError(f"unsupported qtype {qtype.name}; expected one of {', '.join(t.name for t in _FILE_TYPES)}")
@@ -83,7 +86,7 @@ def convert(hf_dir: Path, out: Path, *, qtype: gguf.GGMLQuantizationType | None 
     arch = ARCHITECTURES[hf_arch]
     _check_representable(arch, config)
 
-    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch], split_max_tensors=split_max_tensors)
     writer.add_name(hf_dir.name)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(_FILE_TYPES[qtype])
@@ -101,7 +104,8 @@ def convert(hf_dir: Path, out: Path, *, qtype: gguf.GGMLQuantizationType | None 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out
+    shards = sorted(out.parent.glob(f"{out.stem}-00001-of-*.gguf"))
+    return shards[0] if split_max_tensors and shards else out
 
 
 # ------------------------------------------------------------------ metadata

@@ -223,3 +223,22 @@ def test_phi3_longrope_matches_transformers_within_the_original_context(
     params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
     short = ids[:60]
     assert llm.generate({"prompt_token_ids": short}, params)[0].outputs[0].token_ids == hf_greedy(hf, short, 16)
+
+
+def test_split_gguf_loads_like_the_single_file(references: dict[str, Reference], tmp_path: Path) -> None:
+    """A GGUF split as llama.cpp's gguf-split does (metadata in the first shard) loads from its
+    first shard; another shard or a missing one is a clear error."""
+    from ferry.loader import ModelFormatError, load_model
+
+    first = convert(references["qwen3"].folder, tmp_path / "qwen3.gguf", split_max_tensors=6)
+    shards = sorted(tmp_path.glob("qwen3-*-of-*.gguf"))
+    assert first == shards[0] and first.name.endswith("-00001-of-%05d.gguf" % len(shards)) and len(shards) > 2
+    whole = dict(load_model(references["qwen3"].path("gguf")).weights())
+    split = dict(load_model(str(first)).weights())
+    assert split.keys() == whole.keys()
+    assert all(torch.equal(split[k], whole[k]) for k in whole)
+    with pytest.raises(ModelFormatError, match="pass the first"):
+        load_model(str(shards[1]))
+    shards[-1].unlink()
+    with pytest.raises(ModelFormatError, match="missing its shards"):
+        load_model(str(first))
