@@ -2,7 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's ``structured_outputs``): exactly one of a JSON schema
+    (a dict, or its JSON text), any JSON object (``json_object``), a regular expression, one of
+    several strings (``choice``), or a grammar (Lark, or EBNF/GBNF as llama.cpp writes it)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    # The request field that holds the constraint ("response_format.json_schema.schema",
+    # "guided_regex", ...), named by a compile error; None: "structured_outputs.<kind>". Not part
+    # of equality or the hash: it does not change the grammar (the compile cache's key).
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object, or its JSON text)")
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, json_object, regex, choice, "
+                             f"grammar (got {', '.join(given) or 'none'})")
+
+    def __hash__(self) -> int:  # NOTE: a schema dict is not hashable; its JSON text is
+        return hash(json.dumps(self.json, sort_keys=True) if isinstance(self.json, dict) else self.json) ^ hash(
+            (self.json_object, self.regex, self.choice, self.grammar))
 
 
 @dataclass(frozen=True)
@@ -24,6 +60,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: plus the top k
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding
 
     def __post_init__(self) -> None:
         # Accept lists/strings from callers, store tuples so the object stays hashable and frozen.
@@ -67,4 +104,4 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-__all__ = ["SamplingParams"]
+__all__ = ["SamplingParams", "StructuredOutputsParams"]

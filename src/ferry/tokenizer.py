@@ -117,6 +117,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def backend_json(self) -> str:
+        """The ``tokenizers`` definition as JSON (what grammar engines build their token tables from)."""
+        return self._backend.to_str()
+
     # ----------------------------------------------------------------------------- chat
 
     def replace_chat_template(self, template: str) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from ferry.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Logprob
 from ferry.sampling_params import SamplingParams
+from ferry.structured import GrammarMatcher
 
 
 def child_request_id(parent_id: str, index: int) -> str:
@@ -78,6 +79,10 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Constrained decoding: this sequence's place in its grammar, advanced by ``append_token``.
+    # NOTE: preemption keeps ``output_token_ids`` (only the KV is recomputed), so the matcher stays
+    # in step with them; each of the ``n`` sequences of a request has its own.
+    grammar: GrammarMatcher | None = None
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:
@@ -110,11 +115,18 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     def check_stop(self, max_model_len: int) -> bool:
         """After a token was appended: set a finished status if it ends the sequence."""
         params = self.sampling_params
         last = self.output_token_ids[-1]
+        if self.grammar is not None and self.grammar.is_done and last in self.eos_token_ids:
+            # NOTE: EOS is only allowed once the constraint is complete, and then it is the only
+            # token allowed: the grammar's end ends the sequence, over min_tokens and ignore_eos.
+            self.status = RequestStatus.FINISHED_STOPPED
+            return True
         if self.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED

@@ -128,7 +128,14 @@ class AsyncEngine:
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         self._check_open(request_id)
-        state = self.engine.make_request(request_id, prompt, params)  # ValueError on bad input
+        grammar = None
+        if params.structured_outputs is not None:
+            # NOTE: a cache miss compiles for up to a second: in a worker thread, so the event loop
+            # keeps serving (llguidance drops the GIL), and never on the engine thread.
+            grammar = (self.engine.grammars.cached(params.structured_outputs)
+                       or await asyncio.to_thread(self.engine.compile_grammar,
+                                                  params.structured_outputs))
+        state = self.engine.make_request(request_id, prompt, params, grammar)  # ValueError on bad input
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._check_open(request_id)  # again: the engine may have closed meanwhile

@@ -22,7 +22,8 @@ from ferry.loader import LoadedModel, load_model, load_tokenizer
 from ferry.loader.safetensors_dir import sampling_defaults
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.runner.model_runner import resolve_device
-from ferry.sampling_params import SamplingParams
+from ferry.sampling_params import SamplingParams, StructuredOutputsParams
+from ferry.structured import CompiledGrammar, GrammarCompiler
 from ferry.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -113,11 +114,24 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)
                                           | set(loaded.arch.eos_token_ids)))
         self.processor = OutputProcessor(self.tokenizer)
+        # Constrained decoding: grammars compiled for this tokenizer, cached by constraint.
+        self.grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids, self.arch.vocab_size)
 
     # -- building requests (pure: safe to call from any thread) -----------------------------
-    def make_request(self, request_id: str, prompt: PromptType,
-                     params: SamplingParams) -> RequestState:
-        """Tokenize and validate; raises ValueError with a clear message on bad input."""
+    def compile_grammar(self, structured: StructuredOutputsParams) -> CompiledGrammar:
+        """The compiled constraint (cached); GrammarError (a ValueError naming the field) when it
+        is invalid. Slow on a cache miss: call it off the event loop and off the engine thread."""
+        return self.grammars.compile(structured)
+
+    def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                     grammar: CompiledGrammar | None = None) -> RequestState:
+        """Tokenize and validate; raises ValueError with a clear message on bad input.
+
+        ``grammar``: ``params.structured_outputs`` compiled already (``compile_grammar``); when
+        None and the params have a constraint, it is compiled here, on the calling thread.
+        """
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.compile_grammar(params.structured_outputs)
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("prompt must not be empty")
@@ -136,7 +150,8 @@ class LLMEngine:
             raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
         self.core.check_fits(n_prompt, max_tokens)
-        children = [self._child(child_request_id(request_id, i), ids, params, max_tokens, i)
+        children = [self._child(child_request_id(request_id, i), ids, params, max_tokens, i,
+                                grammar if params.structured_outputs is not None else None)
                     for i in range(params.n)]
         # NOTE: the prompt's last tokens are decoding context: without them a sentencepiece
         # tokenizer drops the first generated token's leading space (" Paris" -> "Paris").
@@ -148,8 +163,10 @@ class LLMEngine:
         return RequestState(request_id, text, ids, children, detoks, outputs)
 
     def _child(self, rid: str, ids: list[int], params: SamplingParams, max_tokens: int,
-               index: int) -> Request:
+               index: int, grammar: CompiledGrammar | None = None) -> Request:
         request = Request(rid, ids, params, self.eos_token_ids, max_tokens)
+        if grammar is not None:
+            request.grammar = grammar.matcher()  # each choice of n walks the grammar on its own
         if params.seed is not None:
             # NOTE: choice i of a seeded request draws from seed + i: reproducible, yet distinct.
             request.generator = torch.Generator(device=self.core.runner.device)

@@ -4,7 +4,9 @@ logprobs.
 One row of ``logits`` is one sequence sampled this step. The order of operations follows vLLM / HF /
 OpenAI:
 
-    raw logits --(log_softmax)--> reported logprobs
+    raw logits --(grammar token mask: forbidden tokens of constrained rows = -inf)
+        |
+        +--(log_softmax)--> reported logprobs
         |
         v
     repetition penalty (HF, prompt + output ids) -> frequency/presence (OpenAI, output counts)
@@ -16,6 +18,10 @@ OpenAI:
 Everything is vectorised over rows and vocabulary; the only Python loop is over seeded rows, which
 draw their noise from their own ``torch.Generator`` so that a seed reproduces the same tokens
 whatever else shares the batch.
+
+Logprobs of a constrained row are those of the masked distribution (as vLLM v1 reports them: the
+grammar's bitmask is applied before its raw logprobs): forbidden tokens get -inf, and the allowed
+ones share the whole probability mass.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from itertools import chain
 import torch
 
 from ferry.sampling_params import SamplingParams
+from ferry.structured import TokenMask
 
 # NOTE: rows with top_k <= this take torch.topk and apply top-p to those k values only; others sort
 # the whole vocabulary. The choice depends on the row's own parameters only, never on its
@@ -76,6 +83,7 @@ class SamplingBatch:
     banned_rows: torch.Tensor | None  # [N] int64
     banned_token_ids: torch.Tensor | None  # [N] int64
     max_num_logprobs: int | None  # None: no row asked for logprobs
+    token_mask: TokenMask | None = None  # constrained rows' allowed tokens; None: no such row
 
     @property
     def all_greedy(self) -> bool:
@@ -93,8 +101,10 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
               prompt_token_ids: Sequence[Sequence[int]], output_token_ids: Sequence[Sequence[int]],
-              eos_token_ids: Sequence[int], vocab_size: int, device: torch.device) -> SamplingBatch:
-        """Row i = one sequence; ``generators[i]`` is its seeded generator or None."""
+              eos_token_ids: Sequence[int], vocab_size: int, device: torch.device,
+              token_mask: TokenMask | None = None) -> SamplingBatch:
+        """Row i = one sequence; ``generators[i]`` is its seeded generator or None;
+        ``token_mask``: the grammar masks of the constrained rows."""
         num_rows = len(params)
         for name, seq in (("generators", generators), ("prompt_token_ids", prompt_token_ids),
                           ("output_token_ids", output_token_ids)):
@@ -146,8 +156,10 @@ class SamplingBatch:
 
         banned_rows: list[int] = []
         banned_ids: list[int] = []
+        done_rows = token_mask.done_rows if token_mask is not None else frozenset()
         for i, p in enumerate(params):
-            if len(output_token_ids[i]) >= p.min_tokens:
+            # NOTE: a complete constraint allows only EOS: the grammar wins over min_tokens.
+            if len(output_token_ids[i]) >= p.min_tokens or i in done_rows:
                 continue
             # NOTE: with ignore_eos, EOS is not a stop token for this request (as in vLLM), so
             # min_tokens only bans its own stop_token_ids. Ids past the vocabulary can never be
@@ -189,6 +201,7 @@ class SamplingBatch:
             banned_rows=i64(banned_rows) if banned_rows else None,
             banned_token_ids=i64(banned_ids) if banned_ids else None,
             max_num_logprobs=max(requested) if requested else None,
+            token_mask=token_mask,
         )
 
 
@@ -211,8 +224,8 @@ def _token_counts(token_ids: Sequence[Sequence[int]], rows: Sequence[int], num_r
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64, the sampled tokens
-    # [B] float32: log-prob of the sampled token under log_softmax(raw logits); None when no row
-    # asked for logprobs.
+    # [B] float32: log-prob of the sampled token under log_softmax(raw logits, grammar-masked for
+    # constrained rows); None when no row asked for logprobs.
     logprobs: torch.Tensor | None
     # [B, K] int64 / float32, best first, K = max params.logprobs over rows; None when K == 0 or no
     # row asked. Rows that asked for fewer use their first k.
@@ -305,6 +318,8 @@ class Sampler:
                              f"got {list(logits.shape)}")
         # NOTE: a half-precision lm_head still gets float32 sampling and logprobs; no-op for float32.
         logits = logits.float()
+        if batch.token_mask is not None:
+            logits = batch.token_mask.apply(logits)  # a copy; unconstrained rows are unchanged
         raw = logits
         if batch.needs_logit_processing:
             logits = apply_penalties(logits, batch)

@@ -3,24 +3,30 @@ can name the offending field (the engine would only say that something is wrong)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from ferry.openai_errors import bad_request
 from ferry.sampling_params import SamplingParams
 from ferry.server.protocol import NO_DEFAULTS, ChatCompletionRequest, CompletionRequest
+from ferry.server.structured_request import structured_outputs_of
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, vocab_size: int,
                     defaults: Mapping[str, Any] = NO_DEFAULTS) -> SamplingParams:
     """The request's ``SamplingParams``; ``defaults`` (the model's generation config) fill the
-    fields it leaves unset."""
+    fields it leaves unset. Its structured-output constraint (if any) is checked for shape here;
+    the engine compiles it, off the event loop."""
     try:
         params = req.to_sampling_params(defaults)
     except ValueError as exc:
         # SamplingParams' messages start with the field name ("top_k must be ...").
         first = str(exc).split(" ", 1)[0]
         raise bad_request(str(exc), param=first if first.isidentifier() else None) from exc
+    structured = structured_outputs_of(req)
+    if structured is not None:
+        params = dataclasses.replace(params, structured_outputs=structured)
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
         # NOTE: an id past the vocabulary can never be sampled, so it could never stop anything:

@@ -33,7 +33,8 @@ T = TypeVar("T")
 def engine_error(exc: Exception, request_id: str) -> OpenAIError:
     """Map an exception raised by ``engine.generate`` to the HTTP error the client sees."""
     if isinstance(exc, ValueError):
-        return bad_request(str(exc))
+        # NOTE: a grammar that does not compile (ferry.structured.GrammarError) names its field
+        return bad_request(str(exc), param=getattr(exc, "param", None))
     if isinstance(exc, EngineStoppedError):
         # NOTE: the server ended it while shutting down (the drain deadline, a second signal): the
         # same 503 code new requests get meanwhile.
