@@ -181,6 +181,11 @@ class ServerConfig:
     ssl_certfile: str | None = None
     ssl_ca_certs: str | None = None
     ssl_cert_reqs: int = 0  # ssl.CERT_NONE; 2 (CERT_REQUIRED) asks clients for a certificate
+    # tool calling (vLLM's --enable-auto-tool-choice, --tool-call-parser)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # None: the one the chat template's format asks for
+    exclude_tools_when_tool_choice_none: bool = False
+    strict_params: bool = False  # unknown request fields: a 400 instead of ignored with a warning
 
     @property
     def served_model_names(self) -> tuple[str, ...]:

@@ -90,8 +90,9 @@ def json_body(model: type[M]) -> JSONBody[M]:
             try:
                 # NOTE: the models are strict (protocol._Request): "stream": "yes" is a 400, as
                 # in OpenAI's API, not True.
+                config = get_state(request.app).config
                 return model.model_validate(obj, context={
-                    "max_logprobs": get_state(request.app).config.max_logprobs})
+                    "max_logprobs": config.max_logprobs, "strict_params": config.strict_params})
             except ValidationError as exc:
                 raise validation_error_to_openai(list(exc.errors())) from exc
         except OpenAIError as error:

@@ -26,6 +26,7 @@ from ferry.config import (
     ServerConfig,
 )
 from ferry.engine.llm_engine import read_chat_template
+from ferry.server.tool_parsers import PARSERS
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
@@ -217,6 +218,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                    default=defaults_s.log_requests, help="no request log lines")
     s.add_argument("--enable-log-requests", dest="log_requests", action="store_true",
                    help=argparse.SUPPRESS)
+    t = parser.add_argument_group("tool calling and request fields")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide when to call tools (tool_choice auto), parsing its "
+                        "calls with --tool-call-parser")
+    t.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), metavar="NAME",
+                   help=f"the format of the model's tool calls: {', '.join(sorted(PARSERS))} "
+                        "(default: the one the chat template shows)")
+    t.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="with tool_choice none, the chat template does not see the tools")
+    t.add_argument("--strict-params", action="store_true",
+                   help="refuse (400) request fields ferry does not use, instead of ignoring "
+                        "them with a logged warning as vLLM does")
     h = parser.add_argument_group("CORS and HTTPS")
     h.add_argument("--allowed-origins", type=parse_json_list, default=defaults_s.allowed_origins,
                    metavar="JSON", help="""origins browsers may call from, e.g. '["*"]' """
@@ -326,7 +339,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials, ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
-        ssl_cert_reqs=args.ssl_cert_reqs)
+        ssl_cert_reqs=args.ssl_cert_reqs, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        strict_params=args.strict_params)
     if server.max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {server.max_body_bytes}")
     if server.shutdown_timeout < 0:

@@ -10,13 +10,15 @@ send) asks for nothing and is dropped.
 Sampling fields a request leaves unset (or null) take the server's defaults (``--generation-config``,
 ``to_sampling_params(defaults)``), else OpenAI's. The most logprobs a request may ask for is
 ``--max-logprobs``, given as the validation context ``{"max_logprobs": N}`` (20 without one). Fields OpenAI defines but we do not implement (``tools``,
-``response_format`` other than text, ``logit_bias``, ``suffix``) are declared so that the error
+``logit_bias``, ``suffix``) are declared so that the error
 can say exactly that; harmless bookkeeping fields (``user``, ``store``, ``metadata``,
 ``service_tier``) are accepted and ignored.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -40,6 +42,8 @@ class ParamError(ValueError):
         self.param = param
 
 
+logger = logging.getLogger(__name__)
+
 _EMPTY: tuple[Any, ...] = (None, [], {})
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default, and OpenAI's top_logprobs bound
 NO_DEFAULTS: Mapping[str, Any] = {}
@@ -61,13 +65,19 @@ class _Request(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_empty_unknowns(cls, data: Any) -> Any:
+    def _drop_empty_unknowns(cls, data: Any, info: ValidationInfo) -> Any:
         # NOTE: clients serialize every field of their own message type, so a field we do not know
         # often arrives as null/[]/{}; it requests no feature, so it must not cost a 400.
+        # The server validates with {"strict_params": False} unless --strict-params: then, as in
+        # vLLM, every unknown field is dropped with a warning instead of being a 400.
         if not isinstance(data, dict):
             return data
+        lenient = (info.context or {}).get("strict_params") is False
+        unknown = [k for k, v in data.items() if k not in cls.model_fields and v not in _EMPTY]
+        if unknown and lenient:
+            logger.warning("ignored request fields this server does not use: %s", ", ".join(unknown))
         return {k: v for k, v in data.items()
-                if k in cls.model_fields or v not in _EMPTY}
+                if k in cls.model_fields or (v not in _EMPTY and not lenient)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,9 +94,10 @@ class ResponseFormat(_Request):
 
     @field_validator("type")
     @classmethod
-    def _only_text(cls, v: str) -> str:
-        if v != "text":
-            raise ValueError(f"response_format type {v!r} is not supported; only 'text' is")
+    def _known_type(cls, v: str) -> str:
+        if v not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format type {v!r} is not supported; use 'text', "
+                             "'json_object' or 'json_schema'")
         return v
 
 
@@ -119,6 +130,13 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs (vLLM): read by ferry.server.structured_request, at most one of them.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # NOTE: accepted, no effect: one backend here
 
     @field_validator("logit_bias")
     @classmethod
@@ -198,19 +216,69 @@ class TextContentPart(_Request):
         return data
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallParam(_Request):
+    """An earlier answer's tool call, sent back in the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def to_template(self) -> dict[str, Any]:
+        # NOTE: templates print arguments with `| tojson` (Qwen2.5, Llama 3.1), which would quote
+        # OpenAI's JSON text a second time: a JSON object given as text reaches them as a dict.
+        args: Any = self.function.arguments
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except ValueError:
+                parsed = None
+            args = parsed if isinstance(parsed, dict) else args
+        return {"id": self.id, "type": self.type,
+                "function": {"name": self.function.name, "arguments": args}}
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     # NOTE: an assistant turn copied from an earlier answer may carry its refusal text instead of
     # content; it is what the assistant said, so the template sees it.
     refusal: str | None = None
+    tool_calls: list[ToolCallParam] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
     @model_validator(mode="before")
     @classmethod
-    def _no_tool_role(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("role") in ("tool", "function"):
-            raise ValueError(f"role {data['role']!r} is not supported: this server has no tool calling")
+    def _no_function_role(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("role") == "function":
+            raise ValueError("role 'function' (OpenAI's deprecated function calling) is not "
+                             "supported; use tools and role 'tool'")
         return data
 
     def text(self) -> str:
@@ -220,10 +288,17 @@ class ChatMessage(_Request):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def to_template(self) -> dict[str, str]:
+    def to_template(self) -> dict[str, Any]:
         # NOTE: chat templates know "system", not OpenAI's newer "developer" role.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [c.to_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.role == "tool" and self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -232,24 +307,31 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM extensions for the chat template
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("tools (function calling) are not supported by this server")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: Any) -> Any:
-        if v not in (None, "none"):
-            raise ValueError("tool_choice is not supported by this server (no tool calling)")
-        return v
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionRequest:
+        # NOTE: as vLLM (and OpenAI): tools without tool_choice mean "auto".
+        if self.tools and self.tool_choice is None:
+            self.tool_choice = "auto"
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ParamError("tool_choice", "When using `tool_choice`, `tools` must be set.")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in [t.function.name for t in self.tools or []]:
+                raise ParamError("tool_choice", f"Tool '{name}' has not been passed in `tools`.")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ParamError("continue_final_message", "Cannot set both `continue_final_message` "
+                             "and `add_generation_prompt` to true.")
+        return self
 
     _max_top_logprobs = field_validator("top_logprobs")(_check_logprobs)
 
@@ -259,7 +341,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
 
     def to_sampling_params(self, defaults: Mapping[str, Any] = NO_DEFAULTS) -> SamplingParams:
@@ -283,6 +365,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # as vLLM, completions take it too
 
     _max_logprobs = field_validator("logprobs")(_check_logprobs)
 

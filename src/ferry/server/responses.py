@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 from ferry.outputs import Logprob, RequestOutput
 
@@ -55,9 +61,47 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatResponseMessage(_Response):
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    """A streamed piece of a tool call: the first one has id, type and name; later ones only
+    arguments, to be appended."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class _OmitsNoToolCalls(_Response):
+    """Leaves ``tool_calls`` out unless there are some (as OpenAI does)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class ChatResponseMessage(_OmitsNoToolCalls):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Response):
@@ -77,9 +121,10 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
-class DeltaMessage(_Response):
+class DeltaMessage(_OmitsNoToolCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):
