@@ -75,6 +75,29 @@ def arguments_text(arguments: Any) -> str | None:
     return None
 
 
+def next_object(text: str, separator: str) -> tuple[str, int, int, int]:
+    """The next JSON object of a run of calls (``{...}`` items between ``separator`` characters and
+    whitespace) at the front of buffered ``text``: ``(kind, rest, start, end)``.
+
+    ``rest`` is where the text after the separators read begins; ``kind`` is ``"wait"`` while more
+    text must come, ``"object"`` for ``text[start:end]``, ``"other"`` when ``text[start]`` begins
+    something else.
+    """
+    rest = i = 0
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i == len(text):
+            return "wait", rest, i, i
+        if text[i] == separator:
+            rest = i = i + 1
+            continue
+        if text[i] != "{":
+            return "other", rest, i, i
+        end = balanced_end(text, i)
+        return ("wait", rest, i, i) if end is None else ("object", rest, i, end)
+
+
 def balanced_end(text: str, start: int) -> int | None:
     """The index just after the JSON object or array opening at ``text[start]``, or None while it
     is not closed yet. Brackets inside strings do not count."""

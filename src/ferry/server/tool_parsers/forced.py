@@ -19,7 +19,7 @@ from ferry.server.tool_parsers.base import (
     ContentGate,
     Event,
     arguments_text,
-    balanced_end,
+    next_object,
 )
 
 EMPTY_OBJECT: dict[str, Any] = {"type": "object", "properties": {}}
@@ -72,26 +72,18 @@ class RequiredCalls:
             else:
                 self._pending, self._mode = body[1:], "items"
         while self._mode == "items":
-            body = self._pending.lstrip()
-            if not body:
-                return out
-            if body[0] == ",":
-                self._pending = body[1:]
-                continue
-            if body[0] == "]":
-                self._pending, self._mode = body[1:], "done"
+            kind, rest, start, end = next_object(self._pending, ",")
+            if kind == "other" and self._pending[start] == "]":
+                self._pending, self._mode = self._pending[start + 1:], "done"
                 break
-            if body[0] != "{":
-                self._mode = "content"
-                break
-            end = balanced_end(body, 0)
-            if end is None:
+            self._pending = self._pending[rest:]
+            if kind == "wait":
                 return out
-            call = self._call(body[:end])
+            call = self._call(self._pending[start - rest:end - rest]) if kind == "object" else None
             if call is None:
                 self._mode = "content"
                 break
-            self._pending = body[end:]
+            self._pending = self._pending[end - rest:]
             self._gate.call_starts()
             out += self._ids.events(*call)
         return out + self._flush()

@@ -12,7 +12,7 @@ from ferry.server.tool_parsers.base import (
     CallNumbering,
     ContentGate,
     Event,
-    balanced_end,
+    next_object,
 )
 from ferry.server.tool_parsers.hermes import parse_call
 
@@ -42,23 +42,15 @@ class Llama3JsonParser:
             else:
                 self._mode = "content"
         while self._mode == "calls":
-            body = self._pending.lstrip()
-            if body.startswith(";"):
-                self._pending = body[1:]
-                continue
-            if not body:
+            kind, rest, start, end = next_object(self._pending, ";")
+            self._pending = self._pending[rest:]
+            if kind == "wait":
                 return out
-            if body[0] != "{":
-                self._mode = "content"
-                break
-            end = balanced_end(body, 0)
-            if end is None:
-                return out
-            call = parse_call(body[:end])
+            call = parse_call(self._pending[start - rest:end - rest]) if kind == "object" else None
             if call is None:
                 self._mode = "content"
                 break
-            self._pending = body[end:]
+            self._pending = self._pending[end - rest:]
             self._gate.call_starts()
             out += self._ids.events(*call)
         text, self._pending = self._pending, ""
