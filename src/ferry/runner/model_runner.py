@@ -194,7 +194,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decode_tables), decode_block_table=table, decode_mask=mask,
-            prefills=tuple(prefills), decode_context_lens=lens)
+            prefills=tuple(prefills), decode_context_lens=lens,
+            max_context_len=max(s.start + s.num_new_tokens for s in order) if order else 0)
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.tensor(pos, dtype=torch.long, device=dev), meta,
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))

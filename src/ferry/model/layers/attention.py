@@ -46,6 +46,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool (SDPA path)
     prefills: tuple[PrefillSeq, ...]
     decode_context_lens: torch.Tensor | None = None  # [B] long (kernel path)
+    # the longest context of the step (tokens before and in it); a sliding window shorter than
+    # this bites somewhere, else it is plain causal attention; None: unknown (the window applies)
+    max_context_len: int | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -61,7 +64,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     kernels: ModuleType | None = None, window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
     # q: [T, H, D]; k, v: [T, Hkv, D] -> out: [T, H, D]
-    if window is not None and not window_applies(meta, window):
+    if window is not None and meta.max_context_len is not None and meta.max_context_len <= window:
         window = None  # every context fits the window: plain causal attention (the kernel path)
     if window is not None or softcap is not None:
         return _variant_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
@@ -114,14 +117,6 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=seq.mask,
                                        scale=scale, enable_gqa=gqa)
     return o.transpose(0, 1)
-
-
-def window_applies(meta: AttentionMetadata, window: int) -> bool:
-    """Whether some query of this step has keys behind the window (a context longer than it)."""
-    if any(seq.end - seq.start + seq.num_computed > window for seq in meta.prefills):
-        return True
-    lens = meta.decode_context_lens
-    return lens is not None and meta.num_decodes > 0 and int(lens.max()) > window
 
 
 def _variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
