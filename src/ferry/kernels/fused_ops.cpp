@@ -34,6 +34,14 @@ float sum_of_squares(const float* x, int64_t n) {
     acc = _mm512_fmadd_ps(v, v, acc);
   }
   total = _mm512_reduce_add_ps(acc);
+#elif defined(FERRY_VECTOR)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    acc0 = _mm256_fmadd_ps(v0, v0, acc0);
+    acc1 = _mm256_fmadd_ps(v1, v1, acc1);
+  }
+  total = reduce_add_ps(_mm256_add_ps(acc0, acc1));
 #endif
   for (; i < n; ++i) total += x[i] * x[i];
   return total;
@@ -145,6 +153,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
         const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
         const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
         _mm512_storeu_ps(o + c, _mm512_mul_ps(silu, _mm512_loadu_ps(u + c)));
+      }
+#elif defined(FERRY_VECTOR)
+      const __m256 one = _mm256_set1_ps(1.0f);
+      for (; c + 8 <= c1; c += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + c);
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + c, _mm256_mul_ps(silu, _mm256_loadu_ps(u + c)));
       }
 #endif
       for (; c < c1; ++c) o[c] = (g[c] / (1.0f + std::exp(-g[c]))) * u[c];

@@ -12,9 +12,6 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +22,8 @@ namespace ferry {
 namespace {
 
 #if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;  // floats a vector; the vector path needs head_dim % kLanes == 0
+
 inline float dot(const float* a, const float* b, int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < d; i += 16) {
@@ -62,7 +61,50 @@ inline void axpy(float* out, float w, const float* v, int64_t d) {
 }
 
 constexpr bool kVector = true;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kLanes = 8;
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  // NOTE: two accumulators: head_dim 64 is eight FMAs, one dependency chain would wait on each
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  if (i < d) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  return reduce_add_ps(_mm256_add_ps(acc0, acc1));
+}
+
+inline float exp_shift_sum(float* p, int64_t n, float max) {
+  const __m256 m = _mm256_set1_ps(max);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + t), m));
+    _mm256_storeu_ps(p + t, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (t < n) {  // lanes below n - t: all ones
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - t)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(p + t, mask), m));
+    _mm256_maskstore_ps(p + t, mask, e);
+    sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
+  }
+  return reduce_add_ps(sum);
+}
+
+inline void axpy(float* out, float w, const float* v, int64_t d) {
+  const __m256 wv = _mm256_set1_ps(w);
+  for (int64_t i = 0; i < d; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+  }
+}
+
+constexpr bool kVector = true;
 #else
+constexpr int64_t kLanes = 1;
 constexpr bool kVector = false;
 #endif
 
@@ -125,7 +167,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const float* v_ptr = v_cache.data_ptr<float>();
   float* o_ptr = out.data_ptr<float>();
   const int64_t group = h / hkv;
-  const bool vector = kVector && d % 16 == 0;
+  const bool vector = kVector && d % kLanes == 0;
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -141,7 +183,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         const float* kt = k_ptr + slot(t);
         for (int64_t j = 0; j < group; ++j) {
           const float* qh = q_ptr + (seq * h + g * group + j) * d;
-#if defined(__AVX512F__)
+#if defined(FERRY_VECTOR)
           const float s = vector ? dot(qh, kt, d) : dot_scalar(qh, kt, d);
 #else
           const float s = dot_scalar(qh, kt, d);
@@ -152,7 +194,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       for (int64_t j = 0; j < group; ++j) {
         float* p = scores.data() + j * ctx;
         const float max = *std::max_element(p, p + ctx);
-#if defined(__AVX512F__)
+#if defined(FERRY_VECTOR)
         const float sum = vector ? exp_shift_sum(p, ctx, max) : exp_shift_sum_scalar(p, ctx, max);
 #else
         const float sum = exp_shift_sum_scalar(p, ctx, max);
@@ -160,7 +202,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         const float inv = 1.0f / sum;
         float* o = o_ptr + (seq * h + g * group + j) * d;
         for (int64_t t = 0; t < ctx; ++t) {
-#if defined(__AVX512F__)
+#if defined(FERRY_VECTOR)
           if (vector) {
             axpy(o, p[t] * inv, v_ptr + slot(t), d);
             continue;

@@ -12,6 +12,9 @@
 //   d, m:  float32 [N/16, K/32, 16]  per 32-wide block and row (m: Q4_1/Q5_1 only; Q8_16: K/16)
 // so one vector load gives one k for 16 rows (Q5: plus a 16-bit mask of their fifth bits), and
 // the kernel accumulates a [rows x 16] tile of the output in registers (no horizontal sums).
+// The kernels are written once over Vec, 16 floats: one zmm register with AVX-512, two ymm with
+// AVX2 + FMA (fewer rows a register tile: 16 ymm registers against 32 zmm); without either, a
+// portable loop does the same arithmetic one weight at a time.
 //
 // Each weight is dequantized with the same float32 operations gguf-py uses (d * q + m for Q4_1
 // and Q5_1, d * (q - 8) for Q4_0, d * (q - 16) for Q5_0, q * d for Q8_0; this file is built with -ffp-contract=off so the compiler
@@ -19,12 +22,9 @@
 // of the dot products differs from a float32 GEMM.
 
 #include "kernels.h"
+#include "simd_math.h"  // FERRY_VECTOR: the vector kernels below, else the portable one
 
 #include <ATen/Parallel.h>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -37,7 +37,6 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // weights along K walked per step, for every supported type
 constexpr int64_t kTile = 16;   // output rows per packed tile
-constexpr int kMaxRows = 16;    // activation rows per register tile
 
 // kQ8_16: int8 codes with one scale per 16 weights (GGUF Q6_K, codes q - 32)
 enum QuantType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ8_16 = 3, kQ5_0 = 4, kQ5_1 = 5 };
@@ -98,17 +97,36 @@ inline float dequant_one(const uint8_t* codes, int64_t k, int64_t j, float d, fl
   }
 }
 
+#if defined(FERRY_VECTOR)
+
+// ---- the ISA layer: a Vec holds 16 floats, one per row of a tile (one zmm, or two ymm) ----
 #if defined(__AVX512F__)
 
-// 16 rows' weights at one k; high: the rows whose code has bit 4 set (five-bit types only)
+using Vec = __m512;
+constexpr int kMaxRows = 16;    // activation rows per register tile (32 zmm registers)
+constexpr int kSplitBelow = 6;  // register tiles of fewer rows keep two accumulators a row
+
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vfmadd(Vec w, float x, Vec acc) { return _mm512_fmadd_ps(w, _mm512_set1_ps(x), acc); }
+// the first cols (<= 16) floats of v
+inline void vstore_cols(float* p, Vec v, int64_t cols) {
+  const __mmask16 mask = cols >= kTile ? static_cast<__mmask16>(0xFFFF)
+                                       : static_cast<__mmask16>((1u << cols) - 1);
+  _mm512_mask_storeu_ps(p, mask, v);
+}
+
+// 16 rows' weights at one k; high: bit j set when row j's code has bit 4 (five-bit types only)
 template <int64_t QT>
-inline __m512 dequant(__m128i codes16, __m512 d, __m512 m, __mmask16 high) {
+inline Vec dequant(__m128i codes16, Vec d, Vec m, uint32_t high) {
   if constexpr (byte_codes(QT)) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes16)), d);
   } else {
     __m512i q = _mm512_cvtepu8_epi32(codes16);
     if constexpr (five_bit(QT)) {
-      q = _mm512_mask_add_epi32(q, high, q, _mm512_set1_epi32(16));
+      q = _mm512_mask_add_epi32(q, static_cast<__mmask16>(high), q, _mm512_set1_epi32(16));
     }
     if constexpr (has_min(QT)) {
       return _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m);
@@ -119,12 +137,86 @@ inline __m512 dequant(__m128i codes16, __m512 d, __m512 m, __mmask16 high) {
   }
 }
 
+#else  // AVX2 + FMA
+
+struct Vec {
+  __m256 lo, hi;  // rows 0..7, 8..15
+};
+// NOTE: 16 ymm registers: a [4 x 16] tile takes 8 accumulators, leaving room for two weight
+// vectors (4 registers) and the broadcast x; more rows spill.
+constexpr int kMaxRows = 4;
+constexpr int kSplitBelow = 3;
+
+inline Vec vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Vec vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void vstore(float* p, Vec v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline Vec vfmadd(Vec w, float x, Vec acc) {
+  const __m256 xv = _mm256_set1_ps(x);
+  return {_mm256_fmadd_ps(w.lo, xv, acc.lo), _mm256_fmadd_ps(w.hi, xv, acc.hi)};
+}
+inline void vstore_cols(float* p, Vec v, int64_t cols) {
+  if (cols >= kTile) {
+    vstore(p, v);
+    return;
+  }
+  alignas(32) float tmp[kTile];
+  vstore(tmp, v);
+  std::memcpy(p, tmp, static_cast<size_t>(cols) * sizeof(float));
+}
+
+// q plus 16 in the lanes whose bit is set in high & bit (bit: one bit a lane)
+inline __m256i add_fifth_bit(__m256i q, __m256i high, __m256i bit) {
+  const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(high, bit), bit);
+  return _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi32(16)));
+}
+
+// as the AVX-512 dequant: the same float32 operations, eight rows at a time
+template <int64_t QT>
+inline __m256 dequant8(__m256i q, __m256 d, __m256 m) {
+  if constexpr (byte_codes(QT)) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+  } else if constexpr (has_min(QT)) {
+    return _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m);
+  } else {
+    q = _mm256_sub_epi32(q, _mm256_set1_epi32(QT == kQ5_0 ? 16 : 8));
+    return _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+  }
+}
+
+template <int64_t QT>
+inline Vec dequant(__m128i codes16, Vec d, Vec m, uint32_t high) {
+  const __m128i upper = _mm_unpackhi_epi64(codes16, codes16);  // rows 8..15 in the low half
+  __m256i q_lo, q_hi;
+  if constexpr (byte_codes(QT)) {
+    q_lo = _mm256_cvtepi8_epi32(codes16);
+    q_hi = _mm256_cvtepi8_epi32(upper);
+  } else {
+    q_lo = _mm256_cvtepu8_epi32(codes16);
+    q_hi = _mm256_cvtepu8_epi32(upper);
+    if constexpr (five_bit(QT)) {
+      const __m256i bits = _mm256_set1_epi32(static_cast<int>(high));
+      q_lo = add_fifth_bit(q_lo, bits, _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
+      q_hi = add_fifth_bit(q_hi, bits,
+                           _mm256_setr_epi32(256, 512, 1024, 2048, 4096, 8192, 16384, 32768));
+    }
+  }
+  return {dequant8<QT>(q_lo, d.lo, m.lo), dequant8<QT>(q_hi, d.hi, m.hi)};
+}
+
+#endif
+
+// ---- the kernels, written once over Vec ----
+
 // The two weight vectors (k = 2j and 2j + 1 of a block, 16 rows each) of pair j of a block;
 // d_lo scales the block's weights 0..15, d_hi 16..31 (the same vector unless kQ8_16).
 template <int64_t QT>
-inline void dequant_pair(const uint8_t* block_codes, int64_t j, __m512 d_lo, __m512 d_hi,
-                         __m512 m, __m512& w0, __m512& w1) {
-  const __m512 d = j < kBlock / 4 ? d_lo : d_hi;
+inline void dequant_pair(const uint8_t* block_codes, int64_t j, Vec d_lo, Vec d_hi, Vec m,
+                         Vec& w0, Vec& w1) {
+  const Vec d = j < kBlock / 4 ? d_lo : d_hi;
   if constexpr (byte_codes(QT)) {
     w0 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + 2 * j * kTile)), d, m, 0);
     w1 = dequant<QT>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + (2 * j + 1) * kTile)), d, m, 0);
@@ -133,9 +225,8 @@ inline void dequant_pair(const uint8_t* block_codes, int64_t j, __m512 d_lo, __m
     if constexpr (five_bit(QT)) std::memcpy(&high, block_codes + kNibbleBytes + 4 * j, 4);
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + j * kTile));
-    w0 = dequant<QT>(_mm_and_si128(c, low4), d, m, static_cast<__mmask16>(high & 0xFFFF));
-    w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m,
-                     static_cast<__mmask16>(high >> 16));
+    w0 = dequant<QT>(_mm_and_si128(c, low4), d, m, high & 0xFFFF);
+    w1 = dequant<QT>(_mm_and_si128(_mm_srli_epi16(c, 4), low4), d, m, high >> 16);
   }
 }
 
@@ -147,9 +238,9 @@ inline void for_each_block(const Packed& p, int64_t tile, Visit visit) {
   const float* dt = p.d + tile * p.tile_scales;
   const float* mt = has_min(QT) ? p.m + tile * p.tile_scales : nullptr;
   for (int64_t b = 0; b < p.k / kBlock; ++b) {
-    const __m512 d_lo = _mm512_loadu_ps(dt + b * per_block * kTile);
-    const __m512 d_hi = per_block == 1 ? d_lo : _mm512_loadu_ps(dt + (b * per_block + 1) * kTile);
-    const __m512 m = has_min(QT) ? _mm512_loadu_ps(mt + b * kTile) : _mm512_setzero_ps();
+    const Vec d_lo = vload(dt + b * per_block * kTile);
+    const Vec d_hi = per_block == 1 ? d_lo : vload(dt + (b * per_block + 1) * kTile);
+    const Vec m = has_min(QT) ? vload(mt + b * kTile) : vzero();
     visit(b, d_lo, d_hi, m, codes + b * block_code_bytes(QT));
   }
 }
@@ -159,29 +250,27 @@ inline void for_each_block(const Packed& p, int64_t tile, Visit visit) {
 // out first. Both kernels below use it, in the same order, so their results are bit-identical.
 template <int R>
 struct TileAccumulator {
-  static constexpr int S = R >= 6 ? 1 : 2;
-  __m512 acc[R][S];
+  static constexpr int S = R >= kSplitBelow ? 1 : 2;
+  Vec acc[R][S];
 
   TileAccumulator() {
     for (int r = 0; r < R; ++r) {
-      for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
+      for (int s = 0; s < S; ++s) acc[r][s] = vzero();
     }
   }
 
   // rows r of x at k and k + 1 times the weight vectors of k and k + 1
-  inline void add_pair(const float* x, int64_t ldx, int64_t k, __m512 w0, __m512 w1) {
+  inline void add_pair(const float* x, int64_t ldx, int64_t k, Vec w0, Vec w1) {
     for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[r * ldx + k]), acc[r][0]);
-      acc[r][S - 1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[r * ldx + k + 1]), acc[r][S - 1]);
+      acc[r][0] = vfmadd(w0, x[r * ldx + k], acc[r][0]);
+      acc[r][S - 1] = vfmadd(w1, x[r * ldx + k + 1], acc[r][S - 1]);
     }
   }
 
   void store(float* out, int64_t ldo, int64_t cols) const {
-    const __mmask16 mask = cols >= kTile ? static_cast<__mmask16>(0xFFFF)
-                                         : static_cast<__mmask16>((1u << cols) - 1);
     for (int r = 0; r < R; ++r) {
-      const __m512 sum = S == 1 ? acc[r][0] : _mm512_add_ps(acc[r][0], acc[r][S - 1]);
-      _mm512_mask_storeu_ps(out + r * ldo, mask, sum);
+      const Vec sum = S == 1 ? acc[r][0] : vadd(acc[r][0], acc[r][S - 1]);
+      vstore_cols(out + r * ldo, sum, cols);
     }
   }
 };
@@ -191,13 +280,13 @@ template <int64_t QT, int R>
 void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
                  int64_t ldo, int64_t cols) {
   TileAccumulator<R> acc;
-  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d_lo, __m512 d_hi, __m512 m,
+  for_each_block<QT>(p, tile, [&](int64_t b, Vec d_lo, Vec d_hi, Vec m,
                                       const uint8_t* block_codes) {
     // the next block's codes, a few cache lines ahead of the loads below
     _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(block_codes) + 1024 + 64, _MM_HINT_T0);
     for (int64_t j = 0; j < kBlock / 2; ++j) {
-      __m512 w0, w1;
+      Vec w0, w1;
       dequant_pair<QT>(block_codes, j, d_lo, d_hi, m, w0, w1);
       acc.add_pair(x, ldx, b * kBlock + 2 * j, w0, w1);
     }
@@ -209,14 +298,14 @@ void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, flo
 // Used when many activation rows would otherwise dequantize the same tile again and again.
 template <int64_t QT>
 void dequantize_tile(const Packed& p, int64_t tile, float* scratch) {
-  for_each_block<QT>(p, tile, [&](int64_t b, __m512 d_lo, __m512 d_hi, __m512 m,
+  for_each_block<QT>(p, tile, [&](int64_t b, Vec d_lo, Vec d_hi, Vec m,
                                       const uint8_t* block_codes) {
     float* out = scratch + b * kBlock * kTile;
     for (int64_t j = 0; j < kBlock / 2; ++j) {
-      __m512 w0, w1;
+      Vec w0, w1;
       dequant_pair<QT>(block_codes, j, d_lo, d_hi, m, w0, w1);
-      _mm512_storeu_ps(out + 2 * j * kTile, w0);
-      _mm512_storeu_ps(out + (2 * j + 1) * kTile, w1);
+      vstore(out + 2 * j * kTile, w0);
+      vstore(out + (2 * j + 1) * kTile, w1);
     }
   });
 }
@@ -227,7 +316,7 @@ void dense_tile_kernel(const float* x, int64_t ldx, const float* w, int64_t k, f
                        int64_t ldo, int64_t cols) {
   TileAccumulator<R> acc;
   for (int64_t kk = 0; kk < k; kk += 2) {
-    acc.add_pair(x, ldx, kk, _mm512_loadu_ps(w + kk * kTile), _mm512_loadu_ps(w + (kk + 1) * kTile));
+    acc.add_pair(x, ldx, kk, vload(w + kk * kTile), vload(w + (kk + 1) * kTile));
   }
   acc.store(out, ldo, cols);
 }
@@ -245,6 +334,8 @@ void run_dense_rows(const float* x, int64_t ldx, const float* w, int64_t k, floa
 }
 
 #else  // portable fallback: same layout and arithmetic, one weight at a time
+
+constexpr int kMaxRows = 16;  // activation rows per tile
 
 template <int64_t QT, int R>
 void tile_kernel(const float* x, int64_t ldx, const Packed& p, int64_t tile, float* out,
@@ -287,7 +378,7 @@ template <int64_t QT>
 void quant_matmul(const float* x, int64_t rows, const Packed& p, int64_t n, float* out) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, tiles / (4 * at::get_num_threads()));
-#if defined(__AVX512F__)
+#if defined(FERRY_VECTOR)
   if (rows > 2 * kMaxRows) {  // prefill: dequantize each tile once, reuse it for every row block
     at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(static_cast<size_t>(p.k * kTile));

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,28 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(h, kernels)
 
 
+def _linear_spec(ops: ModuleType, linear: Linear) -> Any:
+    if linear.packed is None:
+        return ops.LinearSpec([], [], [], [], [], linear.weight, linear.bias)
+    parts = list(linear.packed)
+    return ops.LinearSpec([p.codes for p in parts], [p.d for p in parts], [p.m for p in parts],
+                          [p.type_id for p in parts], [p.out_features for p in parts], None,
+                          linear.bias)
+
+
+def _build_stack(ops: ModuleType, layers: nn.ModuleList) -> Any:
+    """The kernels' DecodeStack over these layers' weights (shared, not copied)."""
+    attn = layers[0].self_attn
+    stack = ops.DecodeStack(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+    for layer in layers:
+        a, mlp = layer.self_attn, layer.mlp
+        stack.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                        layer.input_layernorm.eps, _linear_spec(ops, a.qkv_proj),
+                        _linear_spec(ops, a.o_proj), _linear_spec(ops, mlp.gate_up_proj),
+                        _linear_spec(ops, mlp.down_proj))
+    return stack
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
@@ -151,6 +174,10 @@ class LlamaForCausalLM(nn.Module):
                         else Linear(arch.hidden_size, arch.vocab_size, bias=False))
         # ferry's compiled CPU kernels (float32 only), set by the runner; None: PyTorch ops
         self.kernels: ModuleType | None = None
+        # run all-decode steps in one native call (kernels/decode_step.cpp) where the layers allow
+        self.fused_decode = True
+        self._stack: Any = None  # the kernels' DecodeStack, built on the first all-decode step
+        self._stack_kernels: ModuleType | None = None  # the kernels it was built with
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -160,10 +187,32 @@ class LlamaForCausalLM(nn.Module):
             # NOTE: Gemma rounds the scale to the activation dtype first, as here.
             x = x * torch.tensor(self.arch.embedding_scale, dtype=x.dtype)
         rope = self.rope(positions, x.dtype)
+        stack = self._decode_stack() if meta.num_decodes == input_ids.shape[0] else None
+        if stack is not None and not meta.prefills and meta.decode_context_lens is not None:
+            assert meta.decode_block_table is not None
+            x = stack.forward(x, rope[0].squeeze(1), rope[1].squeeze(1), [k for k, _ in kv_caches],
+                              [v for _, v in kv_caches], meta.slot_mapping,
+                              meta.decode_block_table, meta.decode_context_lens)
+            return self.norm(x, self.kernels)
         local = self.local_rope(positions, x.dtype) if self.local_rope is not None else rope
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, local if layer.local_rope else rope, kv_cache, meta, self.kernels)
         return self.norm(x, self.kernels)
+
+    def _decode_stack(self) -> Any:
+        """The native decode step over every layer, or None where a layer needs the Python path
+        (no kernels, sliding windows, soft-capping, q/k or sandwich norms, GeGLU)."""
+        ops = self.kernels
+        if ops is None or not self.fused_decode:
+            return None
+        if self._stack_kernels is ops:
+            return self._stack
+        arch = self.arch
+        plain = (not arch.sandwich_norm and not arch.qk_norm and arch.hidden_act != "gelu_pytorch_tanh"
+                 and arch.attn_logit_softcapping is None
+                 and all(layer.self_attn.window is None for layer in self.layers))
+        self._stack, self._stack_kernels = (_build_stack(ops, self.layers) if plain else None), ops
+        return self._stack
 
     def init_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers (rope tables) after building on the meta device."""
