@@ -22,14 +22,13 @@ from torch import nn
 
 from ferry.config import ArchConfig
 from ferry.kernels.packing import QuantizedTensor, concat_rows, pack
+from ferry.model.kv_tensors import KVCache
 from ferry.model.layers.attention import AttentionMetadata, paged_attention
 from ferry.model.layers.linear import Linear, PackedWeight, VocabEmbedding
 from ferry.model.layers.norm import RMSNorm
 from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, D]
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 Weight = torch.Tensor | QuantizedTensor
 

@@ -6,18 +6,26 @@ The budget is, in order of precedence:
 - ``--gpu-memory-utilization F`` (vLLM's rule): ferry may use ``F x total`` bytes of the device
   (``torch.cuda.mem_get_info``'s total on a GPU, ``MemTotal`` on CPU) for weights + KV cache, so the
   KV budget is ``F x total - weights - UTILIZATION_RESERVE``;
-- otherwise a share of free memory (``default_kv_cache_memory``).
+- otherwise what ``max_num_seqs`` sequences of ``max_model_len`` tokens can use, capped by a share of
+  free memory (``default_kv_cache_memory``).
+
+On CPU the pool is one anonymous mapping (``ferry.model.kv_tensors``): the kernel hands out zero pages as blocks
+are first written, so the resident size grows with the blocks in use, not with the budget.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ferry.config import ArchConfig, CacheConfig
 from ferry.loader.base import expected_weight_shapes
 from ferry.shapes import kv_cache_blocks
+
+logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -57,11 +65,34 @@ def free_device_memory(device: torch.device) -> int:
     return available_cpu_memory()
 
 
-def default_kv_cache_memory(device: torch.device) -> int:
+@dataclass(frozen=True)
+class KVBudget:
+    bytes: int
+    reason: str  # for the start-up log: where the figure comes from
+    flag: str  # the flag that changes it
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def default_kv_cache_memory(device: torch.device, demand: int | None = None) -> KVBudget:
+    """What ``demand`` bytes (max_num_seqs x max_model_len tokens of KV) need, capped by a share of
+    free memory; without a demand, that share."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_DEFAULT_SHARE)
-    return min(int(available_cpu_memory() * CPU_DEFAULT_SHARE), CPU_DEFAULT_CAP)
+        cap, cap_reason = int(free * GPU_DEFAULT_SHARE), f"{GPU_DEFAULT_SHARE:.0%} of free GPU memory"
+    else:
+        share = int(available_cpu_memory() * CPU_DEFAULT_SHARE)
+        cap = min(share, CPU_DEFAULT_CAP)
+        cap_reason = (f"{CPU_DEFAULT_SHARE:.0%} of available RAM" if share <= CPU_DEFAULT_CAP
+                      else f"the {_gib(CPU_DEFAULT_CAP)} CPU cap")
+    if demand is not None and demand <= cap:
+        return KVBudget(demand, f"max_num_seqs x max_model_len need {_gib(demand)}, under "
+                                f"{cap_reason} ({_gib(cap)})", "--kv-cache-memory")
+    why = f"{cap_reason}" if demand is None else (
+        f"{cap_reason}; max_num_seqs x max_model_len would need {_gib(demand)}")
+    return KVBudget(cap, why, "--kv-cache-memory")
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -101,28 +132,42 @@ def utilization_budget(fraction: float, total: int, weight_bytes: int, free: int
     return budget
 
 
-def num_kv_blocks(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
-                  device: torch.device, weight_bytes: int | None = None) -> int:
-    """Blocks that fit in the budget: ``kv_cache_blocks``, budget // (block_size x KV bytes per token).
-
-    ``weight_bytes``: the loaded weights' size, for ``gpu_memory_utilization``; None measures it
-    (``resident_weight_bytes``).
-    """
-    if cache.num_gpu_blocks_override is not None:
-        return cache.num_gpu_blocks_override
+def kv_budget(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
+              weight_bytes: int | None = None, demand_tokens: int | None = None) -> KVBudget:
+    """The KV pool's bytes and why (see the module's docstring for the precedence)."""
     if cache.kv_cache_memory is not None:
-        budget, flag = cache.kv_cache_memory, "--kv-cache-memory"
-    elif cache.gpu_memory_utilization is not None:
+        return KVBudget(cache.kv_cache_memory, "--kv-cache-memory", "--kv-cache-memory")
+    if cache.gpu_memory_utilization is not None:
         weights = (resident_weight_bytes(arch, dtype, device) if weight_bytes is None
                    else weight_bytes)
         budget = utilization_budget(cache.gpu_memory_utilization, total_device_memory(device),
                                     weights, free_device_memory(device))
-        flag = "--gpu-memory-utilization"
-    else:
-        budget, flag = default_kv_cache_memory(device), "--kv-cache-memory"
+        return KVBudget(budget, f"--gpu-memory-utilization {cache.gpu_memory_utilization}",
+                        "--gpu-memory-utilization")
     per_token = arch.kv_bytes_per_token(dtype_bytes(dtype))
-    blocks = kv_cache_blocks(budget, cache.block_size, per_token)
+    demand = None
+    if demand_tokens is not None:  # whole blocks: each sequence rounds up to its last block
+        demand = -(-demand_tokens // cache.block_size) * cache.block_size * per_token
+    return default_kv_cache_memory(device, demand)
+
+
+def num_kv_blocks(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
+                  device: torch.device, weight_bytes: int | None = None,
+                  demand_tokens: int | None = None) -> int:
+    """Blocks that fit in the budget: ``kv_cache_blocks``, budget // (block_size x KV bytes per token).
+
+    ``weight_bytes``: the loaded weights' size, for ``gpu_memory_utilization``; None measures it
+    (``resident_weight_bytes``). ``demand_tokens``: max_num_seqs x max_model_len, which bounds the
+    default budget. The start-up log says which rule chose the size.
+    """
+    if cache.num_gpu_blocks_override is not None:
+        return cache.num_gpu_blocks_override
+    budget = kv_budget(arch, cache, dtype, device, weight_bytes, demand_tokens)
+    per_token = arch.kv_bytes_per_token(dtype_bytes(dtype))
+    blocks = kv_cache_blocks(budget.bytes, cache.block_size, per_token)
     if blocks < 1:
-        raise ValueError(f"the KV budget of {budget} bytes is smaller than one KV block "
-                         f"({cache.block_size * per_token} bytes); raise {flag}")
+        raise ValueError(f"the KV budget of {budget.bytes} bytes is smaller than one KV block "
+                         f"({cache.block_size * per_token} bytes); raise {budget.flag}")
+    logger.info("KV pool budget %s: %s (%s changes it)", _gib(budget.bytes), budget.reason,
+                budget.flag)
     return blocks
