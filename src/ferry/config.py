@@ -149,11 +149,79 @@ class SchedulerConfig:
                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+_SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                     "model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, as vLLM's ``--speculative-config`` JSON reads.
+
+    ``ngram``: propose the tokens that followed the latest earlier occurrence of the sequence's
+    last n tokens (n from ``prompt_lookup_max`` down to ``prompt_lookup_min``). ``draft_model``:
+    a smaller model of the same vocabulary (``model``) proposes them, greedily.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model (draft_model): a name, path or Hub id
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {SPECULATIVE_METHODS}, "
+                             f"got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be in [1, 16], got "
+                             f"{self.num_speculative_tokens}")
+        if self.prompt_lookup_min < 1:
+            raise ValueError(f"prompt_lookup_min must be >= 1, got {self.prompt_lookup_min}")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= "
+                             f"prompt_lookup_min ({self.prompt_lookup_min})")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative method draft_model needs a model "
+                             "(--speculative-model or \"model\" in --speculative-config)")
+        if self.method == "ngram" and self.model:
+            raise ValueError(f"speculative method ngram takes no model, got {self.model!r}")
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> SpeculativeConfig:
+        """vLLM's ``speculative_config`` dict; ``model`` without ``method`` means draft_model, and
+        ``method: "draft"`` is read as draft_model. ValueError names an unknown or bad key."""
+        if not isinstance(value, dict):
+            # NOTE: a ValueError like every other bad config, so callers catch one type
+            raise ValueError(  # noqa: TRY004
+                f"speculative config must be a JSON object, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(_SPECULATIVE_KEYS))
+        if unknown:
+            raise ValueError(f"speculative config: unknown key(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(_SPECULATIVE_KEYS)})")
+        fields = dict(value)
+        if "method" not in fields:
+            fields["method"] = "draft_model" if fields.get("model") else "ngram"
+        if fields["method"] == "draft":  # vLLM's older spelling
+            fields["method"] = "draft_model"
+        for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            if key in fields and (not isinstance(fields[key], int) or isinstance(fields[key], bool)):
+                raise ValueError(f"speculative config: {key} must be an integer, got "
+                                 f"{fields[key]!r}")
+        # NOTE: as vLLM: one of prompt_lookup_max/min given alone sets the other too
+        if "prompt_lookup_min" in fields and "prompt_lookup_max" not in fields:
+            fields["prompt_lookup_max"] = fields["prompt_lookup_min"]
+        if "prompt_lookup_max" in fields and "prompt_lookup_min" not in fields:
+            fields["prompt_lookup_min"] = fields["prompt_lookup_max"]
+        return cls(**fields)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
 
 @dataclass(frozen=True)

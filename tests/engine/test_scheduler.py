@@ -20,7 +20,7 @@ def make(rid: str, n_prompt: int, max_tokens: int = 4, eos: tuple[int, ...] = ()
 
 def run_step(sched: Scheduler, token: int = 7) -> tuple[list[tuple[str, int]], list[str]]:
     out = sched.schedule()
-    sampled = {s.request.request_id: SampledToken(token) for s in out.scheduled if s.samples}
+    sampled = {s.request.request_id: [SampledToken(token)] for s in out.scheduled if s.samples}
     sched.update(out, ModelRunnerOutput(sampled))
     return [(s.request.request_id, s.num_new_tokens) for s in out.scheduled], out.preempted
 
@@ -29,7 +29,7 @@ def run_step_blocks(sched: Scheduler) -> tuple[SchedulerOutput, list[tuple[str, 
     """One step; the output and each scheduled request's (id, new tokens, block ids)."""
     out = sched.schedule()
     sched.update(out, ModelRunnerOutput(
-        {s.request.request_id: SampledToken(7) for s in out.scheduled if s.samples}))
+        {s.request.request_id: [SampledToken(7)] for s in out.scheduled if s.samples}))
     return out, [(s.request.request_id, s.num_new_tokens, s.block_ids) for s in out.scheduled]
 
 

@@ -64,7 +64,8 @@ def advance(out: SchedulerOutput, result: ModelRunnerOutput | None = None) -> No
     """What ``Scheduler.update`` does to progress: computed tokens, then any sampled token."""
     for s in out.scheduled:
         s.request.num_computed_tokens += s.num_new_tokens
-        sampled = result.sampled.get(s.request.request_id) if result is not None else None
+        tokens = result.sampled.get(s.request.request_id) if result is not None else None
+        sampled = tokens[-1] if tokens else None
         if sampled is not None:
             s.request.append_token(sampled.token_id)
 
@@ -80,7 +81,7 @@ def test_prefill_chunk_and_decode_in_one_step_sample_the_reference_tokens(
     assert [s.samples for s in step1.scheduled] == [True, False]
     out1 = runner.execute(step1)
     assert set(out1.sampled) == {"a"}  # no token for a chunk that does not reach the end
-    assert out1.sampled["a"].token_id == hf_logits(hf, a.prompt_token_ids)[-1].argmax().item()
+    assert out1.sampled["a"][0].token_id == hf_logits(hf, a.prompt_token_ids)[-1].argmax().item()
     advance(step1, out1)
 
     # Step 2: b's last chunk (prefill over its cached first chunk) listed before a's decode.
@@ -88,8 +89,8 @@ def test_prefill_chunk_and_decode_in_one_step_sample_the_reference_tokens(
     out2 = runner.execute(step2)
     assert set(out2.sampled) == {"a", "b"}
     a_ids = a.prompt_token_ids + a.output_token_ids
-    assert out2.sampled["a"].token_id == hf_logits(hf, a_ids)[-1].argmax().item()
-    assert out2.sampled["b"].token_id == hf_logits(hf, b.prompt_token_ids)[-1].argmax().item()
+    assert out2.sampled["a"][0].token_id == hf_logits(hf, a_ids)[-1].argmax().item()
+    assert out2.sampled["b"][0].token_id == hf_logits(hf, b.prompt_token_ids)[-1].argmax().item()
     advance(step2, out2)
 
     # Steps 3-4: two decodes batched with block tables of different lengths (a: 2 then 3 blocks,
@@ -99,7 +100,7 @@ def test_prefill_chunk_and_decode_in_one_step_sample_the_reference_tokens(
         out = runner.execute(step)
         for r in (a, b):
             ids = r.prompt_token_ids + r.output_token_ids
-            assert out.sampled[r.request_id].token_id == hf_logits(hf, ids)[-1].argmax().item()
+            assert out.sampled[r.request_id][0].token_id == hf_logits(hf, ids)[-1].argmax().item()
         advance(step, out)
     assert a.num_tokens == 10 and b.num_tokens == 13
 
@@ -130,4 +131,4 @@ def test_logits_of_every_chunk_match_a_full_forward(runner: ModelRunner, hf: Any
     # Step 3: c's last chunk, which is sampled.
     step3 = SchedulerOutput([ScheduledRequest(c, 4, c_blocks)])
     out = runner.execute(step3)
-    assert out.sampled["c"].token_id == c_ref[-1].argmax().item()
+    assert out.sampled["c"][0].token_id == c_ref[-1].argmax().item()

@@ -25,6 +25,10 @@ class ScheduledRequest:
     # NOTE: a list built for this step by ``KVCacheManager.block_ids`` and owned by this message:
     # nothing else holds it, so nothing mutates it while the runner reads it.
     block_ids: list[int]
+    # Speculative decoding: proposed tokens after the sequence's last one, to verify this step.
+    # They are the last ``len(spec_token_ids)`` of the ``num_new_tokens``; their positions have KV
+    # slots but are not part of the request until accepted (never hashed for the prefix cache).
+    spec_token_ids: tuple[int, ...] = ()
 
     @property
     def start(self) -> int:
@@ -33,7 +37,12 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens - len(self.spec_token_ids) == self.request.num_tokens
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Rows sampled this step: the last one, plus one per proposed token (each verified)."""
+        return 1 + len(self.spec_token_ids) if self.samples else 0
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,12 @@ class SampledToken:
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
-    """One sampled token per scheduled request whose chunk reached its end, by request id."""
+    """The tokens each scheduled request whose chunk reached its end gains, by request id: one,
+    or with speculation the accepted proposals followed by the target model's own token."""
 
-    sampled: dict[str, SampledToken]
+    sampled: dict[str, list[SampledToken]]
+    # draft_model speculation: the draft's proposals for each sampled request's next step
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

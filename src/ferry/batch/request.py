@@ -83,6 +83,9 @@ class Request:
     # NOTE: preemption keeps ``output_token_ids`` (only the KV is recomputed), so the matcher stays
     # in step with them; each of the ``n`` sequences of a request has its own.
     grammar: GrammarMatcher | None = None
+    # Speculative decoding: tokens proposed to follow ``output_token_ids``, verified at the next
+    # step (not part of the sequence: they never count in ``num_tokens`` nor in block hashes).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:

@@ -10,7 +10,9 @@ from ferry.batch.request import Request, RequestStatus
 from ferry.config import ArchConfig, EngineConfig
 from ferry.engine.kv_cache import KVCacheManager
 from ferry.engine.scheduler import Scheduler
+from ferry.loader import load_model
 from ferry.runner.model_runner import ModelRunner, WeightSource
+from ferry.spec import DraftModel
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,26 @@ class EngineStats:
     num_preemptions_total: int
     prefix_cache_queries_total: int  # prompt tokens looked up
     prefix_cache_hits_total: int  # prompt tokens found cached
+    spec_decode: SpecDecodeStats | None = None  # None: no speculative decoding
+
+
+@dataclass(frozen=True)
+class SpecDecodeStats:
+    """Speculative decoding counters (vLLM's spec_decode_* series)."""
+
+    num_drafts: int  # verifications of at least one proposed token
+    num_draft_tokens: int  # proposed tokens verified
+    num_accepted_tokens: int  # of those, accepted
+    accepted_per_position: tuple[int, ...]  # accepted at proposal position 0, 1, ... k-1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per verification step: the accepted proposals plus the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
 
 
 class EngineCore:
@@ -40,12 +62,30 @@ class EngineCore:
         self.config = config
         self.arch = arch
         asked_len = resolve_max_model_len(arch, config.model.max_model_len)  # before the weights
-        self.runner = ModelRunner(arch, config.model, config.cache, weights)
+        self.runner = ModelRunner(arch, config.model, config.cache, weights,
+                                  demand_tokens=config.scheduler.max_num_seqs * asked_len)
         self.max_model_len = fit_max_model_len(asked_len, self.runner.num_blocks,
                                                config.cache.block_size)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching, sliding_window=arch.kv_window)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len,
+                                   config.speculative)
+        spec = config.speculative
+        if spec is not None and spec.method == "draft_model":
+            self.runner.attach_draft(self._load_draft(config), spec.num_speculative_tokens)
+        if spec is not None:
+            logger.info("speculative decoding: %s, up to %d proposed tokens per step",
+                        spec.method, spec.num_speculative_tokens)
+
+    def _load_draft(self, config: EngineConfig) -> DraftModel:
+        spec = config.speculative
+        assert spec is not None and spec.model is not None
+        m = config.model
+        loaded = load_model(spec.model, download_dir=m.download_dir)
+        runner = self.runner
+        return DraftModel(loaded, self.arch.vocab_size, dtype=runner.dtype, device=runner.device,
+                          kernels=runner.kernels, keep_quantized=m.weight_format == "auto",
+                          num_blocks=runner.num_blocks, block_size=config.cache.block_size)
 
     def step(self) -> list[EngineCoreOutput]:
         out = self.scheduler.schedule()
@@ -91,7 +131,15 @@ class EngineCore:
             kv_cache_usage=self.kv.usage, num_free_blocks=self.kv.num_free_blocks,
             num_total_blocks=self.runner.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions,
-            prefix_cache_queries_total=prefix.queries, prefix_cache_hits_total=prefix.hits)
+            prefix_cache_queries_total=prefix.queries, prefix_cache_hits_total=prefix.hits,
+            spec_decode=self._spec_stats())
+
+    def _spec_stats(self) -> SpecDecodeStats | None:
+        c = self.scheduler.spec_counters
+        if c is None:
+            return None
+        return SpecDecodeStats(c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens,
+                               tuple(c.accepted_per_position))
 
 
 def resolve_max_model_len(arch: ArchConfig, asked: int | None) -> int:

@@ -43,6 +43,7 @@ class IncrementalDetokenizer:
         self._include_stop = include_stop_str_in_output
         self._text = ""
         self.stop_reason: str | None = None
+        self.num_consumed = 0  # tokens of the last ``update`` read (see there)
         context = [t for t in prompt_token_ids if not self._skipped(t)][-_PROMPT_CONTEXT_TOKENS:]
         context_text = self._decode(context)
         if context_text.endswith(_REPLACEMENT):
@@ -64,11 +65,16 @@ class IncrementalDetokenizer:
     def update(self, new_token_ids: Sequence[int]) -> str | None:
         """Append generated tokens; return the stop string that now matched, else None.
 
-        After a stop string matched, further tokens are ignored.
+        After a stop string matched, further tokens are ignored: ``num_consumed`` tells how many
+        of ``new_token_ids`` were read, up to and including the one that completed the stop
+        string (several tokens arrive at once with speculative decoding; the ones after the stop
+        are not part of the output).
         """
-        for token_id in new_token_ids:
+        self.num_consumed = 0
+        for i, token_id in enumerate(new_token_ids):
             if self.stopped:
                 return None
+            self.num_consumed = i + 1
             if self._skipped(token_id):
                 continue
             delta = self._append(token_id)

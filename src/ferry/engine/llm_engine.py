@@ -13,7 +13,13 @@ from typing import Any, Union
 import torch
 
 from ferry.batch.request import Request, RequestStatus, child_request_id
-from ferry.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ferry.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from ferry.engine.core import EngineCore, EngineStats
 from ferry.engine.detokenizer import IncrementalDetokenizer
 from ferry.engine.output_processor import OutputProcessor, RequestState
@@ -236,13 +242,17 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_chunked_prefill: bool = True, weight_format: str = "auto",
                  revision: str | None = None, download_dir: str | None = None,
-                 gguf_file: str | None = None) -> None:
+                 gguf_file: str | None = None,
+                 speculative_config: SpeculativeConfig | dict[str, Any] | None = None) -> None:
+        spec = (SpeculativeConfig.from_dict(speculative_config)
+                if isinstance(speculative_config, dict) else speculative_config)
         config = EngineConfig(
             ModelConfig(model, dtype, device, max_model_len, seed, weight_format, revision=revision,
                         download_dir=download_dir, gguf_file=gguf_file),
             CacheConfig(block_size, kv_cache_memory, enable_prefix_caching,
                         num_gpu_blocks_override),
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill))
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
+            speculative=spec)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 

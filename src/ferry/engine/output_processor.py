@@ -85,17 +85,24 @@ class OutputProcessor:
             if completion.finish_reason is not None:
                 continue
             request = state.children[index]
-            completion.token_ids.extend(out.new_token_ids)
-            if completion.logprobs is not None and out.new_logprobs:
-                completion.logprobs.extend(out.new_logprobs)
+            text_ids = self._text_token_ids(request, out)
+            detokenizer = state.detokenizers[index]
+            stop = detokenizer.update(text_ids) if text_ids else None
+            new_ids, new_logprobs = out.new_token_ids, out.new_logprobs
+            if stop is not None:
+                # NOTE: a stop string completed inside a run of accepted speculative tokens ends
+                # the output at the token that completed it, as one-token steps would have.
+                new_ids = new_ids[:detokenizer.num_consumed]
+                new_logprobs = new_logprobs[:detokenizer.num_consumed] if new_logprobs else None
+            completion.token_ids.extend(new_ids)
+            if completion.logprobs is not None and new_logprobs:
+                completion.logprobs.extend(new_logprobs)
             state.num_cached_tokens = out.num_cached_tokens if index == 0 else state.num_cached_tokens
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             if state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = request.first_scheduled_time
             state.metrics.last_token_time = now
-            text_ids = self._text_token_ids(request, out)
-            stop = state.detokenizers[index].update(text_ids) if text_ids else None
             if stop is not None:
                 completion.finish_reason, completion.stop_reason = FINISH_STOP, stop
                 if out.finish_reason is None:

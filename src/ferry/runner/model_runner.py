@@ -22,6 +22,7 @@ from ferry.batch.outputs import (
 from ferry.batch.request import Request
 from ferry.config import ArchConfig, CacheConfig, ModelConfig
 from ferry.kernels.build import KernelUnavailableError, load_cpu_kernels
+from ferry.model.kv_tensors import kv_tensors
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
 from ferry.model.layers.linear import PackedWeight
 from ferry.model.llama import KVCache, Weight
@@ -29,6 +30,7 @@ from ferry.model.registry import build_model
 from ferry.outputs import Logprob
 from ferry.runner.memory import num_kv_blocks
 from ferry.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+from ferry.spec import DraftModel, speculates
 from ferry.structured import BitmaskFiller
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ def resolve_device(name: str) -> torch.device:
 
 class ModelRunner:
     def __init__(self, arch: ArchConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                 weights: WeightSource) -> None:
+                 weights: WeightSource, demand_tokens: int | None = None) -> None:
+        """``demand_tokens``: max_num_seqs x max_model_len, which bounds the default KV pool."""
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = _DTYPES[model_config.dtype]
@@ -73,14 +76,13 @@ class ModelRunner:
         # NOTE: on CPU the packed GGUF blocks count as packed; on a GPU the allocator is asked
         self.num_blocks = num_kv_blocks(
             arch, cache_config, self.dtype, self.device,
-            weight_bytes=None if self.device.type == "cuda" else self.weight_bytes)
+            weight_bytes=None if self.device.type == "cuda" else self.weight_bytes,
+            demand_tokens=demand_tokens)
         shape = (self.num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
-        # NOTE: zero-filled, not empty: padded attention reads stale slots under a mask, and a NaN
-        # there would survive a zero attention weight.
-        self.kv_caches: list[KVCache] = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(arch.num_hidden_layers)]
+        # NOTE: zeros, not empty: padded attention reads stale slots under a mask, and a NaN there
+        # would survive a zero attention weight. On CPU the zeros are committed page by page.
+        self.kv_caches: list[KVCache] = kv_tensors(arch.num_hidden_layers, shape, self.dtype,
+                                                   self.device)
         self.sampler = Sampler()
         self.bitmasks = BitmaskFiller()  # grammar masks of constrained requests
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks,
@@ -100,10 +102,11 @@ class ModelRunner:
             return None
         if not kernels.vectorized():
             # NOTE: the portable build is a correctness fallback, several times slower than
-            # PyTorch's matmuls; without AVX-512 the dense path is the fast one.
-            logger.warning("ferry's CPU kernels need AVX-512, which this CPU lacks; GGUF weights "
-                           "are dequantized to float32 and attention runs on PyTorch ops")
+            # PyTorch's matmuls; without AVX2 the dense path is the fast one.
+            logger.warning("ferry's CPU kernels need AVX2 + FMA or AVX-512, which this CPU lacks; "
+                           "GGUF weights are dequantized to float32 and attention runs on PyTorch ops")
             return None
+        logger.info("ferry's CPU kernels: %s", kernels.isa())
         return kernels
 
     @property
@@ -118,33 +121,140 @@ class ModelRunner:
         k, v = self.kv_caches[0]
         return 2 * k.numel() * k.element_size() * len(self.kv_caches)
 
+    # draft_model speculation: set by ``attach_draft`` (None: no draft)
+    draft: DraftModel | None = None
+    num_speculative_tokens: int = 0
+
+    def attach_draft(self, draft: DraftModel, num_speculative_tokens: int) -> None:
+        """Run ``draft`` beside the model: it mirrors every step's batch into its own KV (same
+        block ids) and proposes ``num_speculative_tokens`` tokens after each sampled request."""
+        self.draft = draft
+        self.num_speculative_tokens = num_speculative_tokens
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        order = sorted(out.scheduled, key=lambda s: not _decodes(s))  # decodes first
         input_ids, positions, meta, sample_rows = self._prepare(order)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.draft is not None:
+            # NOTE: the draft's KV mirrors the target's at every position computed this step
+            # (prompts, prefix-cache blocks, recomputation after preemption), so its proposals
+            # see the same context; rejected positions are rewritten later in both.
+            self.draft.forward(input_ids, positions, meta)
         sampling = [s for s in order if s.samples]
         if not sampling:
             return ModelRunnerOutput({})
         logits = self.model.compute_logits(hidden[sample_rows])  # type: ignore[operator]
-        requests = [s.request for s in sampling]
+        # One row per sampling request, plus one per proposed token: row j of a request with
+        # proposals x_1..x_m is sampled as if x_1..x_j had been generated (min_tokens, penalties
+        # and logprobs see that output), which is what sequential decoding would have sampled.
+        requests: list[Request] = []
+        outputs: list[list[int]] = []
+        for s in sampling:
+            r = s.request
+            requests.append(r)
+            outputs.append(r.output_token_ids)
+            for j in range(1, len(s.spec_token_ids) + 1):
+                requests.append(r)
+                outputs.append(r.output_token_ids + list(s.spec_token_ids[:j]))
         # NOTE: ~10 us per constrained row, in llguidance's threads without the GIL; the matchers
         # already took every token appended so far (Scheduler.update -> Request.append_token).
+        # Constrained requests never speculate (ferry.spec.policy), so they have one row each.
         token_mask = self.bitmasks.fill([r.grammar for r in requests])
         batch = SamplingBatch.build(
             [r.sampling_params for r in requests], [r.generator for r in requests],
-            [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
+            [r.prompt_token_ids for r in requests], outputs,
             self._eos_ids(requests), logits.shape[-1], self.device, token_mask)
         result = self.sampler(logits, batch)
-        return ModelRunnerOutput(self._to_tokens(requests, result))
+        sampled = self._verify(sampling, self._to_tokens(requests, result))
+        drafts = self._propose(sampling, sampled) if self.draft is not None else {}
+        return ModelRunnerOutput(sampled, drafts)
+
+    @staticmethod
+    def _verify(sampling: list[ScheduledRequest], rows: list[SampledToken]
+                ) -> dict[str, list[SampledToken]]:
+        """Each request's tokens: its proposals up to the first one its own row did not sample,
+        then the token sampled at that row (or after the last proposal).
+
+        NOTE: this is speculative decoding's rejection sampling for proposers that put all their
+        mass on one token (q = one-hot: n-gram lookup, and the draft model, which proposes its
+        argmax): accepting x with probability min(1, p(x) / q(x)) = p(x) and otherwise sampling
+        from normalize(max(p - q, 0)) is the same law as sampling y ~ p and accepting x iff y == x
+        (else emitting y). Each row samples from its own p with the request's generator, so greedy
+        rows accept exactly while the argmax equals the proposal, and the output's distribution is
+        the target's own, token for token.
+        """
+        out: dict[str, list[SampledToken]] = {}
+        i = 0
+        for s in sampling:
+            spec = s.spec_token_ids
+            accepted = 0
+            while accepted < len(spec) and rows[i + accepted].token_id == spec[accepted]:
+                accepted += 1
+            out[s.request.request_id] = rows[i:i + accepted + 1]
+            i += len(spec) + 1
+        return out
+
+    def _propose(self, sampling: list[ScheduledRequest], sampled: dict[str, list[SampledToken]]
+                 ) -> dict[str, list[int]]:
+        """The draft's k greedy proposals after each sampled request's new last token: k
+        one-token forwards of the draft, batched over the requests.
+
+        The new last token sits where the step's last accepted token ended; it and the draft's
+        guesses are fed at the following positions, into the slots the scheduler reserved ahead
+        (``Scheduler._lookahead``): a request proposes only as many as its block table holds.
+        """
+        assert self.draft is not None
+        bs = self.block_size
+        # [request id, next position, block table, proposals wanted, token to feed]
+        rows: list[tuple[str, int, list[int], int]] = []
+        feed: list[int] = []
+        for s in sampling:
+            if not speculates(s.request):
+                continue
+            tokens = sampled[s.request.request_id]
+            pos = s.start + s.num_new_tokens - len(s.spec_token_ids) + len(tokens) - 1
+            n = min(self.num_speculative_tokens, len(s.block_ids) * bs - pos)
+            if n > 0:
+                rows.append((s.request.request_id, pos, s.block_ids, n))
+                feed.append(tokens[-1].token_id)
+        proposals: dict[str, list[int]] = {rid: [] for rid, *_ in rows}
+        for step in range(self.num_speculative_tokens):
+            active = [i for i, r in enumerate(rows) if r[3] > step]
+            if not active:
+                break
+            positions = [rows[i][1] + step for i in active]
+            meta = self._decode_meta(positions, [rows[i][2] for i in active])
+            dev = self.device
+            hidden = self.draft.forward(
+                torch.tensor([feed[i] for i in active], dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta)
+            for i, token in zip(active, self.draft.greedy(hidden).tolist()):
+                proposals[rows[i][0]].append(token)
+                feed[i] = token
+        return proposals
+
+    def _decode_meta(self, positions: list[int], tables: list[list[int]]) -> AttentionMetadata:
+        """Metadata of a batch of one-token rows: row i at ``positions[i]`` over ``tables[i]``."""
+        bs = self.block_size
+        slots = [t[p // bs] * bs + p % bs for p, t in zip(positions, tables)]
+        lens = [p + 1 for p in positions]
+        table, lens_t, mask = self._decode_tables([t[:-(-n // bs)] for t, n in zip(tables, lens)],
+                                                  lens)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decodes=len(positions), decode_block_table=table, decode_mask=mask, prefills=(),
+            decode_context_lens=lens_t, max_context_len=max(lens))
 
     @torch.inference_mode()
     def all_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits for every scheduled token (prompt scoring and parity checks), writing the KV
         cache as a normal step would. Rows follow ``out.scheduled`` when it holds no decodes."""
-        order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        order = sorted(out.scheduled, key=lambda s: not _decodes(s))
         input_ids, positions, meta, _ = self._prepare(order)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.draft is not None:
+            self.draft.forward(input_ids, positions, meta)
         return self.model.compute_logits(hidden)  # type: ignore[operator]  # [T, vocab]
 
     @staticmethod
@@ -168,37 +278,53 @@ class ModelRunner:
         for s in order:
             req = s.request
             start, n = s.start, s.num_new_tokens
+            spec = s.spec_token_ids
             blocks = s.block_ids
             row = len(ids)
-            ids.extend(req.token_ids(start, start + n))
+            ids.extend(req.token_ids(start, start + n - len(spec)))
+            ids.extend(spec)
             pos.extend(range(start, start + n))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
             ctx = start + n
-            if n == 1:
-                decode_tables.append(blocks[:-(-ctx // bs)])
-                decode_lens.append(ctx)
+            if _decodes(s):
+                # NOTE: a decode with proposals is one decode row per position, each over its own
+                # context length: the step writes every row's K/V before any row attends, so row
+                # j sees the proposals before it, as sequential decoding would have.
+                table = blocks[:-(-ctx // bs)]
+                for p in range(start, ctx):
+                    decode_tables.append(table)
+                    decode_lens.append(p + 1)
             else:
                 prefills.append(self._prefill_seq(row, start, n, blocks))
             if s.samples:
-                sample_rows.append(row + n - 1)
+                sample_rows.extend(range(row + n - 1 - len(spec), row + n))
         dev = self.device
-        table = mask = lens = None
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
-                                 dtype=torch.long, device=dev)
-            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
-            if self.kernels is None:
-                mask = (torch.arange(width * bs, device=dev)[None, :]
-                        < lens[:, None])[:, None, None, :]
+        table_t, lens, mask = self._decode_tables(decode_tables, decode_lens)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=len(decode_tables), decode_block_table=table, decode_mask=mask,
+            num_decodes=len(decode_tables), decode_block_table=table_t, decode_mask=mask,
             prefills=tuple(prefills), decode_context_lens=lens,
             max_context_len=max(s.start + s.num_new_tokens for s in order) if order else 0)
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.tensor(pos, dtype=torch.long, device=dev), meta,
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))
+
+    def _decode_tables(self, tables: list[list[int]], lens: list[int]
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Padded block tables [B, W], context lengths [B] and (SDPA path) the mask of the
+        decode rows; Nones when there are none."""
+        if not tables:
+            return None, None, None
+        dev = self.device
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long,
+                             device=dev)
+        lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
+        mask = None
+        if self.kernels is None:
+            mask = (torch.arange(width * self.block_size, device=dev)[None, :]
+                    < lens_t[:, None])[:, None, None, :]
+        return table, lens_t, mask
 
     def _prefill_seq(self, row: int, start: int, n: int, blocks: list[int]) -> PrefillSeq:
         if start == 0:
@@ -211,12 +337,13 @@ class ModelRunner:
         return PrefillSeq(row, row + n, start, block_ids, mask)
 
     @staticmethod
-    def _to_tokens(requests: list[Request], result: SamplerOutput) -> dict[str, SampledToken]:
+    def _to_tokens(requests: list[Request], result: SamplerOutput) -> list[SampledToken]:
+        """Row i's token (and logprobs when its request asked) for ``requests[i]``."""
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
         top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        out: dict[str, SampledToken] = {}
+        out: list[SampledToken] = []
         for i, req in enumerate(requests):
             lp = None
             k = req.sampling_params.logprobs
@@ -225,5 +352,10 @@ class ModelRunner:
                 if k and top_ids is not None and top_lps is not None:
                     top = dict(zip(top_ids[i][:k], top_lps[i][:k]))
                 lp = Logprob(token_ids[i], logprobs[i], top)
-            out[req.request_id] = SampledToken(token_ids[i], lp)
+            out.append(SampledToken(token_ids[i], lp))
         return out
+
+
+def _decodes(s: ScheduledRequest) -> bool:
+    """One-token rows: a decode, or a decode with proposals to verify (one row per position)."""
+    return s.num_new_tokens == 1 or bool(s.spec_token_ids)

@@ -24,6 +24,7 @@ from ferry.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    SpeculativeConfig,
 )
 from ferry.engine.llm_engine import read_chat_template
 from ferry.server.tool_parsers import PARSERS
@@ -194,6 +195,16 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     e.add_argument("--load-format", default="auto", metavar="auto|safetensors|gguf",
                    help=argparse.SUPPRESS)
     e.add_argument("--tokenizer-mode", default="auto", metavar="auto|hf", help=argparse.SUPPRESS)
+    sp = parser.add_argument_group("speculative decoding")
+    sp.add_argument("--speculative-config", default=None, metavar="JSON",
+                    help="""vLLM's JSON, e.g. '{"method": "ngram", "num_speculative_tokens": 4, """
+                         """"prompt_lookup_max": 4}' or '{"method": "draft_model", "model": M, """
+                         """"num_speculative_tokens": 4}' (default: none)""")
+    sp.add_argument("--speculative-model", default=None, metavar="MODEL",
+                    help="a draft model of the same vocabulary (method draft_model)")
+    sp.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                    help="tokens proposed per step (with --speculative-model or "
+                         "--speculative-config)")
     s = parser.add_argument_group("server")
     s.add_argument("--host", default=defaults_s.host, help="(default: %(default)s)")
     s.add_argument("--port", type=int, default=defaults_s.port, help="(default: %(default)s)")
@@ -301,6 +312,38 @@ def _check_files(args: argparse.Namespace) -> None:
         read_chat_template(args.chat_template)  # a path that cannot be read: ValueError now
 
 
+def speculative_from_args(args: argparse.Namespace) -> SpeculativeConfig | None:
+    """--speculative-config JSON, plus the short forms --speculative-model and
+    --num-speculative-tokens; ValueError (one line) when they are malformed or disagree."""
+    fields: dict[str, Any] = {}
+    if args.speculative_config is not None:
+        try:
+            fields = json.loads(args.speculative_config)
+        except ValueError as exc:
+            raise ValueError(f"--speculative-config is not valid JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise ValueError("--speculative-config must be a JSON object, e.g. "
+                             """'{"method": "ngram", "num_speculative_tokens": 4}'""")
+    for flag, key, value in (("--speculative-model", "model", args.speculative_model),
+                             ("--num-speculative-tokens", "num_speculative_tokens",
+                              args.num_speculative_tokens)):
+        if value is None:
+            continue
+        if key in fields and fields[key] != value:
+            raise ValueError(f"{flag} {value} disagrees with --speculative-config's {key} "
+                             f"{fields[key]!r}")
+        fields[key] = value
+    if not fields:
+        return None
+    if "method" not in fields and "model" not in fields:
+        raise ValueError("--num-speculative-tokens needs --speculative-model or "
+                         "--speculative-config (e.g. '{\"method\": \"ngram\"}')")
+    try:
+        return SpeculativeConfig.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--speculative-config: {exc}") from exc
+
+
 def _served_names(names: list[str] | None) -> tuple[str | None, tuple[str, ...]]:
     if not names:
         return None, ()
@@ -326,6 +369,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   enable_chunked_prefill=args.enable_chunked_prefill),
+        speculative=speculative_from_args(args),
     )
     name, aliases = _served_names(args.served_model_name)
     server = ServerConfig(

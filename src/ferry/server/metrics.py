@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -54,6 +54,15 @@ class StatsSource(Protocol):
     num_preemptions_total: int
     prefix_cache_queries_total: int
     prefix_cache_hits_total: int
+    # speculative decoding (None: off); read with getattr, so other sources may leave it out
+    # spec_decode: SpecDecodeSource | None
+
+
+class SpecDecodeSource(Protocol):
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_position: tuple[int, ...]
 
 
 class _EngineStatsCollector(Collector):
@@ -90,6 +99,20 @@ class _EngineStatsCollector(Collector):
                       stats.prefix_cache_queries_total)
         yield counter("ferry:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       stats.prefix_cache_hits_total)
+        spec: SpecDecodeSource | None = getattr(stats, "spec_decode", None)
+        if spec is not None:  # NOTE: as vLLM, the spec_decode series exist only when it is on
+            yield counter("ferry:spec_decode_num_drafts",
+                          "Verification steps with at least one proposed token.", spec.num_drafts)
+            yield counter("ferry:spec_decode_num_draft_tokens", "Proposed tokens verified.",
+                          spec.num_draft_tokens)
+            yield counter("ferry:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                          spec.num_accepted_tokens)
+            per_pos = CounterMetricFamily("ferry:spec_decode_num_accepted_tokens_per_pos",
+                                          "Proposed tokens accepted, by position in the proposal.",
+                                          labels=[*labels, "position"])
+            for position, accepted in enumerate(spec.accepted_per_position):
+                per_pos.add_metric([*values, str(position)], accepted)
+            yield per_pos
 
 
 @dataclass
@@ -168,6 +191,8 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_resident_memory_bytes & co., which `ferry bench` reports beside its figures
+        ProcessCollector(registry=r)
         labels = ["model_name"]
         tokens = _token_buckets(max_model_len)
         self.prompt_tokens = Counter("ferry:prompt_tokens", "Prefill tokens processed.", labels,
