@@ -18,12 +18,13 @@ RECORD_FIELDS = {
     "label", "url", "model", "endpoint", "mode", "load", "load_label", "num_requests", "ok", "failed", "errors",
     "error_examples", "duration_s", "total_prompt_tokens", "total_output_tokens", "request_throughput",
     "output_throughput", "total_throughput", "token_sources", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "slo",
-    "good_requests", "goodput", "workload", "machine",
+    "good_requests", "goodput", "memory", "workload", "machine",
 }
 STATS_FIELDS = {"count", "mean", "p50", "p90", "p99"}
 WORKLOAD_FIELDS = {"dataset", "num_requests", "duration_s", "input_len", "output_len", "max_tokens", "ignore_eos",
                    "temperature", "seed", "endpoint", "request_usage", "timeout_s", "warmup", "tokenizer", "slo"}
-MACHINE_FIELDS = {"hostname", "platform", "python", "cpu", "cpu_count", "memory_gib", "gpus", "ferry_version"}
+MACHINE_FIELDS = {"hostname", "platform", "python", "cpu", "cpu_flags", "cpu_count", "memory_gib", "gpus",
+                  "ferry_version"}
 
 
 def bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
@@ -59,8 +60,13 @@ def test_closed_loop_json_has_every_field_and_counts_add_up(naive_server: Any, t
         assert r["total_throughput"] == pytest.approx((r["total_prompt_tokens"] + 48) / r["duration_s"])
         assert r["good_requests"] == 6 and r["goodput"] == pytest.approx(r["request_throughput"])
         assert r["workload"]["max_tokens"] == 8 and r["workload"]["ignore_eos"] is True
+        # the server's RSS from its /metrics (process_resident_memory_bytes), before and after the point
+        for when in ("before", "after"):
+            assert r["memory"][when]["source"] == "metrics" and r["memory"][when]["rss_bytes"] > 10 * 2**20
+            assert r["memory"][when]["peak_bytes"] is None  # /metrics has no peak
     out = capsys.readouterr().out
     assert "naive" in out and "c=3" in out and "12 requests, 12 ok, 0 failed" in out
+    assert "RSS after MiB" in out  # the memory table
 
 
 def test_completions_endpoint_and_open_loop_rate(naive_server: Any, tmp_path: Path) -> None:
@@ -111,7 +117,9 @@ def test_chunks_counted_without_usage_or_tokenizer(fault_server: Any, no_usage_c
     assert rc == 0 and r["model"] == "no-usage"  # discovered from /v1/models
     assert r["token_sources"] == {"chunks": 3} and r["total_output_tokens"] == 3 * len(no_usage_chunks)
     assert r["itl_ms"]["count"] == 3 * (len(no_usage_chunks) - 1)
-    assert "approximate" in capsys.readouterr().out
+    assert r["memory"] == {"before": None, "after": None}  # no /metrics page: memory unknown
+    out = capsys.readouterr().out
+    assert "approximate" in out and "RSS after MiB" not in out
 
 
 def test_plot_writes_a_png(naive_server: Any, fault_server: Any, tmp_path: Path) -> None:

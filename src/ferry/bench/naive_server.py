@@ -21,7 +21,8 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from ferry.openai_errors import error_body
@@ -177,6 +178,15 @@ def create_app(model: NaiveModel, served_name: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "naive"}]}
+
+    # NOTE: only the process collector (RSS, CPU seconds), in the app's own registry, so that
+    # `ferry bench` reports this server's memory as it does vLLM's and ferry's.
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
+from ferry.bench.memory import format_mib
 from ferry.bench.runner import PointResult
 
 SCHEMA = "ferry.bench/1"
@@ -24,6 +25,24 @@ def _cpu_model() -> str:
     except OSError:
         return platform.processor() or "unknown"
     return platform.processor() or "unknown"
+
+
+# the instruction sets that decide which kernels run (ferry's, llama.cpp's, vLLM's CPU build)
+_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "sve")
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's vector/matrix flags of interest, from /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in _ISA_FLAGS if f in have]
+    return []
 
 
 def _memory_gib() -> float | None:
@@ -51,7 +70,8 @@ def machine_info() -> dict[str, Any]:
 
     return {
         "hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": _memory_gib(), "gpus": _gpus(),
+        "cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(),
+        "memory_gib": _memory_gib(), "gpus": _gpus(),
         "ferry_version": __version__,
     }
 
@@ -62,7 +82,8 @@ def point_record(point: PointResult, workload: dict[str, Any], machine: dict[str
     return {
         "label": t.label, "url": t.base_url, "model": t.model, "endpoint": t.endpoint,
         "mode": point.load.mode, "load": point.load.to_json_value(), "load_label": point.load.label,
-        **point.metrics.to_dict(), "workload": dict(workload), "machine": dict(machine),
+        **point.metrics.to_dict(), "memory": point.memory.to_dict() if point.memory else None,
+        "workload": dict(workload), "machine": dict(machine),
     }
 
 
@@ -114,7 +135,28 @@ def format_tables(points: Sequence[PointResult]) -> str:
             rows.append([p.target.label, p.load.label,
                          *(_fmt(getattr(st, k)) if st is not None else "-" for k in ("mean", "p50", "p90", "p99"))])
         parts.append(_table(["server", "load", f"{title} ms mean", "p50", "p90", "p99"], rows))
+    memory = format_memory_table(points)
+    if memory:
+        parts.append(memory)
     return "\n\n".join(parts)
+
+
+def format_memory_table(points: Sequence[PointResult]) -> str:
+    """Each server's RSS (MiB) before and after each point, and its peak where /proc gave one;
+    empty when no point has a reading."""
+    rows = []
+    for p in points:
+        mem = p.memory
+        if mem is None or (mem.before is None and mem.after is None):
+            continue
+        sample = mem.after or mem.before
+        assert sample is not None  # one of them is set (checked above)
+        rows.append([p.target.label, p.load.label, format_mib(mem.before.rss_bytes if mem.before else None),
+                     format_mib(mem.after.rss_bytes if mem.after else None), format_mib(sample.peak_bytes),
+                     str(sample.processes), sample.source])
+    if not rows:
+        return ""
+    return _table(["server", "load", "RSS before MiB", "RSS after MiB", "peak RSS MiB", "procs", "from"], rows)
 
 
 def format_summary(points: Sequence[PointResult]) -> str:
@@ -131,3 +173,35 @@ def format_summary(points: Sequence[PointResult]) -> str:
         lines.append("  note: some servers sent no usage and no --tokenizer was given: output tokens were "
                      "counted as streamed chunks (approximate)")
     return "\n".join(lines)
+
+
+def format_vllm_style(point: PointResult) -> str:
+    """One load point as vLLM's ``benchmark_serving.py`` prints its result (same lines, same units),
+    so the two can be read side by side."""
+    m = point.metrics
+
+    def line(name: str, value: float | int | None, digits: int = 2) -> str:
+        shown = "-" if value is None else (str(value) if isinstance(value, int) else f"{value:.{digits}f}")
+        return f"{name:<40}{shown}"
+
+    def stats(title: str, short: str, st: Any) -> list[str]:
+        return [f"{title:-^50}", line(f"Mean {short} (ms):", st.mean if st else None),
+                line(f"Median {short} (ms):", st.p50 if st else None),
+                line(f"P99 {short} (ms):", st.p99 if st else None)]
+
+    head = f" Serving Benchmark Result: {point.target.label} {point.load.label} "
+    return "\n".join([
+        f"{head:=^50}",
+        line("Successful requests:", m.ok),
+        line("Failed requests:", m.failed),
+        line("Benchmark duration (s):", m.duration_s),
+        line("Total input tokens:", m.total_prompt_tokens),
+        line("Total generated tokens:", m.total_output_tokens),
+        line("Request throughput (req/s):", m.request_throughput),
+        line("Output token throughput (tok/s):", m.output_throughput),
+        line("Total Token throughput (tok/s):", m.total_throughput),
+        *stats("Time to First Token", "TTFT", m.ttft),
+        *stats("Time per Output Token (excl. 1st token)", "TPOT", m.tpot),
+        *stats("Inter-token Latency", "ITL", m.itl),
+        "=" * 50,
+    ])

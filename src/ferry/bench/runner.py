@@ -11,15 +11,25 @@ import math
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, Iterator
 
 import httpx
 
 from ferry.bench.client import RequestResult, SendOptions, Target, send_request
+from ferry.bench.memory import MemorySample, PointMemory, scrape_memory
 from ferry.bench.metrics import SLO, LoadPointMetrics, compute_metrics
 from ferry.bench.workload import RequestSpec, TokenCounter, WorkloadConfig, iter_arrivals, iter_requests
 
 MODES = ("concurrency", "rate")
+
+# Reads a server's memory before and after each load point; None: unknown.
+MemoryProbe = Callable[[Target], Awaitable[MemorySample | None]]
+
+
+async def metrics_probe(target: Target) -> MemorySample | None:
+    """The default probe: ``process_resident_memory_bytes`` from the server's ``/metrics``."""
+    async with httpx.AsyncClient() as client:
+        return await scrape_memory(client, target.base_url, target.headers())
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class PointResult:
     load: LoadPoint
     results: tuple[RequestResult, ...]
     metrics: LoadPointMetrics
+    memory: PointMemory | None = None  # None: no probe was run
 
 
 class _Progress:
@@ -126,10 +137,12 @@ async def _open_loop(client: httpx.AsyncClient, target: Target, rate: float, req
 
 async def run_load_point(target: Target, load: LoadPoint, workload: WorkloadConfig, opts: SendOptions,
                          slo: SLO = SLO(), tokenizer: TokenCounter | None = None,
-                         progress: bool = False) -> PointResult:
-    """Runs one load point against one server and aggregates it."""
+                         progress: bool = False, memory_probe: MemoryProbe | None = None) -> PointResult:
+    """Runs one load point against one server and aggregates it; with ``memory_probe``, reads the
+    server's memory just before and just after."""
     if load.mode == "rate" and math.isinf(load.value) and workload.num_requests is None:
         raise ValueError("request rate inf needs --num-requests (it would send without end)")
+    before = await memory_probe(target) if memory_probe is not None else None
     requests = iter_requests(workload, tokenizer)
     results: list[RequestResult] = []
     bar = _Progress(progress, workload.num_requests, f"{target.label} {load.label}")
@@ -153,7 +166,10 @@ async def run_load_point(target: Target, load: LoadPoint, workload: WorkloadConf
         bar.close()
     end = max((r.start + (r.e2e or 0.0) for r in results), default=start)
     metrics = compute_metrics(results, end - start, slo)
-    return PointResult(target=target, load=load, results=tuple(results), metrics=metrics)
+    memory = None
+    if memory_probe is not None:
+        memory = PointMemory(before=before, after=await memory_probe(target))
+    return PointResult(target=target, load=load, results=tuple(results), metrics=metrics, memory=memory)
 
 
 async def warm_up(target: Target, workload: WorkloadConfig, opts: SendOptions, n: int,
@@ -170,14 +186,16 @@ async def warm_up(target: Target, workload: WorkloadConfig, opts: SendOptions, n
 async def run_benchmark(targets: list[Target], loads: list[LoadPoint], workload: WorkloadConfig,
                         opts: SendOptions, slo: SLO = SLO(), tokenizer: TokenCounter | None = None,
                         progress: bool = False, warmup: int = 0,
-                        on_point: Callable[[PointResult], None] | None = None) -> list[PointResult]:
+                        on_point: Callable[[PointResult], None] | None = None,
+                        memory_probe: MemoryProbe | None = metrics_probe) -> list[PointResult]:
     """Every target (one after another, so they never compete for the machine) at every load point."""
     out = []
     for target in targets:
         if warmup > 0:
             await warm_up(target, workload, opts, warmup, tokenizer)
         for load in loads:
-            point = await run_load_point(target, load, workload, opts, slo, tokenizer, progress)
+            point = await run_load_point(target, load, workload, opts, slo, tokenizer, progress,
+                                         memory_probe)
             out.append(point)
             if on_point is not None:
                 on_point(point)
