@@ -56,6 +56,18 @@ def test_rows_equal_gguf_dequantization_exactly(kernels: ModuleType, qtype: Q, n
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n,k", [(17, 64), (96, 576)])
+def test_bfloat16_transposed_weight_equals_rounding_the_dequantized_one(
+        kernels: ModuleType, qtype: Q, n: int, k: int) -> None:
+    # the operand of a bfloat16 GEMM: exactly torch's round-to-nearest-even of the exact weights
+    q = random_quantized(qtype, n, k)
+    p = pack(q)
+    wt = kernels.dequantize_t_bf16(p.codes, p.d, p.m, p.type_id, p.out_features, p.in_features)
+    assert wt.dtype == torch.bfloat16 and wt.shape == (q.shape[1], n)
+    assert torch.equal(wt, q.dequantize().to(torch.bfloat16).T)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 # every register-tile height of both vector builds (AVX2: up to 4 rows, AVX-512: 16), and batches
 # past the prefill threshold (AVX2: 8 rows, AVX-512: 32), with a partial last row block
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 16, 17, 40])

@@ -29,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("isa", &isa, "the kernels' instruction set: avx512, avx2 or portable");
   mod.def("vectorized", &vectorized, "True when built with vector (AVX-512 or AVX2) kernels");
   mod.def("quant_linear", &ferry::quant_linear, "x @ dequantize(W).T over tile-packed quant blocks");
+  mod.def("dequantize_t_bf16", &ferry::dequantize_t_bf16,
+          "dequantize(W).T rounded to bfloat16, for a bfloat16 GEMM");
   mod.def("quant_rows", &ferry::quant_rows, "rows of dequantize(W) (an embedding lookup)");
   mod.def("paged_decode_attention", &ferry::paged_decode_attention,
           "decode attention read in place from the paged KV cache");

@@ -15,6 +15,10 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
 at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tensor& d,
                       const at::Tensor& m, int64_t qtype, int64_t n, int64_t k);
 
+// dequantize(W).T [K, N] rounded to bfloat16 (for a bfloat16 GEMM over many rows)
+at::Tensor dequantize_t_bf16(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
+                           int64_t qtype, int64_t n, int64_t k);
+
 // one query token per sequence against its paged K/V (see paged_attention.cpp)
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_table,

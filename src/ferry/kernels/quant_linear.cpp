@@ -310,6 +310,43 @@ void dequantize_tile(const Packed& p, int64_t tile, float* scratch) {
   });
 }
 
+// 16 rows' weights rounded to bfloat16 (to nearest even, as PyTorch rounds) and stored
+inline void vstore_bf16(uint16_t* dst, Vec v) {
+#if defined(__AVX512F__)
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
+#else
+  auto round8 = [](__m256 x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  };
+  // packus works per 128-bit lane: [lo0..3 hi0..3 lo4..7 hi4..7] -> reorder the 64-bit quarters
+  const __m256i packed = _mm256_packus_epi32(round8(v.lo), round8(v.hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_permute4x64_epi64(packed, 0xD8));
+#endif
+}
+
+// The tile's weights in bfloat16, k-major into W.T: out[k * ldo + j] = bf16(w(16 * tile + j, k))
+template <int64_t QT>
+void dequantize_tile_bf16(const Packed& p, int64_t tile, uint16_t* out, int64_t ldo) {
+  for_each_block<QT>(p, tile, [&](int64_t b, Vec d_lo, Vec d_hi, Vec m,
+                                      const uint8_t* block_codes) {
+    for (int64_t j = 0; j < kBlock / 2; ++j) {
+      Vec w0, w1;
+      dequant_pair<QT>(block_codes, j, d_lo, d_hi, m, w0, w1);
+      const int64_t k = b * kBlock + 2 * j;
+      vstore_bf16(out + k * ldo, w0);
+      vstore_bf16(out + (k + 1) * ldo, w1);
+    }
+  });
+}
+
 // tile_kernel over an already dequantized tile
 template <int R>
 void dense_tile_kernel(const float* x, int64_t ldx, const float* w, int64_t k, float* out,
@@ -443,7 +480,59 @@ void lookup_rows(const int64_t* ids, int64_t t, const Packed& p, float* out) {
   }
 }
 
+// float32 -> bfloat16, rounding to nearest even as PyTorch's .to(torch.bfloat16) does (weights are
+// finite, so there is no NaN case)
+inline uint16_t to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// out[k, n] = bf16(w[n, k]): the whole weight, transposed, for a bfloat16 GEMM over many rows
+template <int64_t QT>
+void dequantize_t_bf16(const Packed& p, int64_t n, uint16_t* out) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> edge;  // a last, partial tile goes through a 16-wide buffer
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t cols = std::min(kTile, n - t * kTile);
+#if defined(FERRY_VECTOR)
+      if (cols == kTile) {
+        dequantize_tile_bf16<QT>(p, t, out + t * kTile, n);
+        continue;
+      }
+      edge.resize(static_cast<size_t>(p.k * kTile));
+      dequantize_tile_bf16<QT>(p, t, edge.data(), kTile);
+      for (int64_t k = 0; k < p.k; ++k) {
+        std::memcpy(out + k * n + t * kTile, edge.data() + k * kTile, cols * sizeof(uint16_t));
+      }
+#else
+      const uint8_t* codes = p.codes + t * p.tile_code_bytes;
+      const float* dt = p.d + t * p.tile_scales;
+      const float* mt = has_min(QT) ? p.m + t * p.tile_scales : nullptr;
+      for (int64_t k = 0; k < p.k; ++k) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const int64_t s = (k / scale_span(QT)) * kTile + j;
+          out[k * n + t * kTile + j] = to_bf16(dequant_one<QT>(codes, k, j, dt[s], mt ? mt[s] : 0.0f));
+        }
+      }
+#endif
+    }
+  });
+}
+
 }  // namespace
+
+// The dense weight, transposed, W.T [K, N] in bfloat16, dequantized exactly and then rounded: the
+// operand of a bfloat16 (AMX) GEMM when a step has many rows (see ferry/model/layers/linear.py)
+at::Tensor dequantize_t_bf16(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
+                             int64_t qtype, int64_t n, int64_t k) {
+  const Packed p = check_packed(codes, d, m, qtype, n, k);
+  at::Tensor out = at::empty({k, n}, d.options().dtype(at::kBFloat16));
+  auto* o_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  dispatch(qtype, [&](auto qt) { dequantize_t_bf16<decltype(qt)::value>(p, n, o_ptr); });
+  return out;
+}
 
 // x: [M, K] float32 -> x @ W.T: [M, N]
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d,
