@@ -95,6 +95,10 @@ class ModelConfig:
     chat_template: str | None = None  # a template file's path, or the template text itself
     # "auto": sampling defaults from the model's generation_config.json; "vllm": none; else a folder
     generation_config: str = "auto"
+    # CPU with packed GGUF weights and dtype float32 only: steps with many rows multiply in this dtype
+    # over the weights dequantized on the fly (bfloat16 on AMX), the rest stays float32. Set by the
+    # engine for --dtype bfloat16 on such models (see ferry.engine.llm_engine.resolve_dtype).
+    matmul_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
@@ -106,6 +110,8 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.matmul_dtype not in (None, "bfloat16"):
+            raise ValueError(f"matmul_dtype must be None or bfloat16, got {self.matmul_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ namespace ferry {
 LinearSpec::LinearSpec(std::vector<at::Tensor> codes, std::vector<at::Tensor> d,
                        std::vector<at::Tensor> m, std::vector<int64_t> qtypes,
                        std::vector<int64_t> out_features, std::optional<at::Tensor> dense,
-                       std::optional<at::Tensor> bias)
+                       std::optional<at::Tensor> bias, int64_t bf16_rows)
     : codes_(std::move(codes)), d_(std::move(d)), m_(std::move(m)), qtypes_(std::move(qtypes)),
-      out_features_(std::move(out_features)), dense_(std::move(dense)), bias_(std::move(bias)) {
+      out_features_(std::move(out_features)), dense_(std::move(dense)), bias_(std::move(bias)),
+      bf16_rows_(bf16_rows) {
   const size_t parts = codes_.size();
   TORCH_CHECK(d_.size() == parts && m_.size() == parts && qtypes_.size() == parts &&
                   out_features_.size() == parts,
@@ -41,17 +42,25 @@ LinearSpec::LinearSpec(std::vector<at::Tensor> codes, std::vector<at::Tensor> d,
 }
 
 at::Tensor LinearSpec::operator()(const at::Tensor& x) const {
+  const bool bf16 = bf16_rows_ > 0 && x.size(0) >= bf16_rows_;
+  // one part: the kernel's product, float32 or (many rows) bfloat16 over the dequantized weight
+  auto part = [&](size_t i) {
+    if (bf16) {
+      const at::Tensor wt = dequantize_t_bf16(codes_[i], d_[i], m_[i], qtypes_[i],
+                                              out_features_[i], x.size(1));
+      return at::mm(x.to(at::kBFloat16), wt).to(at::kFloat);
+    }
+    return quant_linear(x, codes_[i], d_[i], m_[i], qtypes_[i], out_features_[i]);
+  };
   at::Tensor y;
   if (dense_) {
     y = at::linear(x, *dense_);
   } else if (codes_.size() == 1) {
-    y = quant_linear(x, codes_[0], d_[0], m_[0], qtypes_[0], out_features_[0]);
+    y = part(0);
   } else {
     std::vector<at::Tensor> parts;
     parts.reserve(codes_.size());
-    for (size_t i = 0; i < codes_.size(); ++i) {
-      parts.push_back(quant_linear(x, codes_[i], d_[i], m_[i], qtypes_[i], out_features_[i]));
-    }
+    for (size_t i = 0; i < codes_.size(); ++i) parts.push_back(part(i));
     y = at::cat(parts, -1);
   }
   return bias_ ? y + *bias_ : y;

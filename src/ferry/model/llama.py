@@ -141,11 +141,11 @@ class LlamaDecoderLayer(nn.Module):
 
 def _linear_spec(ops: ModuleType, linear: Linear) -> Any:
     if linear.packed is None:
-        return ops.LinearSpec([], [], [], [], [], linear.weight, linear.bias)
+        return ops.LinearSpec([], [], [], [], [], linear.weight, linear.bias, 0)
     parts = list(linear.packed)
     return ops.LinearSpec([p.codes for p in parts], [p.d for p in parts], [p.m for p in parts],
                           [p.type_id for p in parts], [p.out_features for p in parts], None,
-                          linear.bias)
+                          linear.bias, parts[0].bf16_rows or 0)
 
 
 def _build_stack(ops: ModuleType, layers: nn.ModuleList) -> Any:

@@ -21,7 +21,7 @@ from ferry.batch.outputs import (
 )
 from ferry.batch.request import Request
 from ferry.config import ArchConfig, CacheConfig, ModelConfig
-from ferry.kernels.build import KernelUnavailableError, load_cpu_kernels
+from ferry.kernels.build import KernelUnavailableError, cpu_flags, load_cpu_kernels
 from ferry.model.kv_tensors import kv_tensors
 from ferry.model.layers.attention import AttentionMetadata, PrefillSeq
 from ferry.model.layers.linear import PackedWeight
@@ -36,6 +36,11 @@ from ferry.structured import BitmaskFiller
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# NOTE: below this many rows the float32 kernel reads the packed weight once and wins; above it,
+# dequantizing the weight for a bfloat16 GEMM costs less than float32 FMAs over every row
+# (benchmarks/quant_decode.py --bf16 measures the crossover).
+BF16_MATMUL_ROWS = 32
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 # ``LoadedModel.weights``: (HF name, tensor) pairs; with True, GGUF blocks may stay quantized
 WeightSource = Callable[[bool], Iterable[tuple[str, Weight]]]
@@ -71,6 +76,8 @@ class ModelRunner:
         if quant_ops is not None:
             logger.info("%d layers run on GGUF quantized blocks (CPU kernels)",
                         self.num_packed_layers)
+        if model_config.matmul_dtype == "bfloat16":
+            self._use_bf16_matmuls(model)
         model.init_buffers(self.device)  # type: ignore[operator]  # rotary tables stay float32
         self.model = model.eval()
         # NOTE: on CPU the packed GGUF blocks count as packed; on a GPU the allocator is asked
@@ -108,6 +115,23 @@ class ModelRunner:
             return None
         logger.info("ferry's CPU kernels: %s", kernels.isa())
         return kernels
+
+    def _use_bf16_matmuls(self, model: torch.nn.Module) -> None:
+        """Steps of ``BF16_MATMUL_ROWS`` rows or more multiply in bfloat16 over the packed weights
+        (dequantized for the call), where the CPU has bfloat16 matrix units; the rest stays float32."""
+        packed = [m for m in model.modules() if isinstance(m, PackedWeight)]
+        if self.kernels is None or not packed:
+            logger.warning("--dtype bfloat16 over packed weights needs ferry's CPU kernels and GGUF "
+                           "quantized weights; running float32")
+            return
+        if not BF16_CPU_FLAGS & cpu_flags():
+            logger.warning("this CPU has no bfloat16 matrix units (AMX-BF16 or AVX512-BF16); "
+                           "running float32")
+            return
+        for weight in packed:
+            weight.bf16_rows = BF16_MATMUL_ROWS
+        logger.info("bfloat16 matmuls for steps of %d rows or more, over the packed weights; "
+                    "smaller steps, attention and the KV cache stay float32", BF16_MATMUL_ROWS)
 
     @property
     def weight_bytes(self) -> int:

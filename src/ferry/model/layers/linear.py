@@ -30,9 +30,16 @@ class PackedWeight(nn.Module):
         self.register_buffer("d", packed.d)
         self.register_buffer("m", packed.m)
         self._ops = ops
+        # steps of at least this many rows multiply in bfloat16 over the weight dequantized for the
+        # call (AMX; ``matmul_dtype``); None: always the float32 kernel
+        self.bf16_rows: int | None = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] float32 -> [T, out]
+        if self.bf16_rows is not None and x.shape[0] >= self.bf16_rows:
+            wt = self._ops.dequantize_t_bf16(self.codes, self.d, self.m, self.type_id,
+                                             self.out_features, self.in_features)
+            return torch.mm(x.to(torch.bfloat16), wt).float()
         return self._ops.quant_linear(x, self.codes, self.d, self.m, self.type_id,
                                       self.out_features)
 
