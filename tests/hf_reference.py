@@ -5,6 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# prompts whose greedy continuations ferry must reproduce (tests/engine/test_parity.py, tests/cuda)
+PARITY_PROMPTS = [
+    "The quick brown fox",
+    "Write a haiku about the sea.",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):",
+    "Paris is the capital of",
+    "Once upon a time, in a land far away, there lived a dragon who loved",
+    "Q: What is 7 times 8?\nA:",
+    "Les chats sont",
+]
+
 
 def load_hf(folder: Path) -> Any:
     import torch

@@ -14,20 +14,11 @@ from typing import Any
 
 import pytest
 import torch
+from hf_reference import PARITY_PROMPTS as PROMPTS
 from hf_reference import hf_greedy
 
 from ferry import LLM, SamplingParams
 
-PROMPTS = [
-    "The quick brown fox",
-    "Write a haiku about the sea.",
-    "1, 2, 3, 4,",
-    "def fibonacci(n):",
-    "Paris is the capital of",
-    "Once upon a time, in a land far away, there lived a dragon who loved",
-    "Q: What is 7 times 8?\nA:",
-    "Les chats sont",
-]
 NEW_TOKENS = 32
 TOP_K = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from hf_reference import PARITY_PROMPTS as PROMPTS
 from hf_reference import hf_greedy, load_hf
 from loader.test_gguf import write_gguf
 
@@ -19,16 +20,6 @@ from ferry import LLM, SamplingParams
 from ferry.batch.outputs import ScheduledRequest, SchedulerOutput
 from ferry.batch.request import Request
 
-PROMPTS = [
-    "The quick brown fox",
-    "Write a haiku about the sea.",
-    "1, 2, 3, 4,",
-    "def fibonacci(n):",
-    "Paris is the capital of",
-    "Once upon a time, in a land far away, there lived a dragon who loved",
-    "Q: What is 7 times 8?\nA:",
-    "Les chats sont",
-]
 NEW_TOKENS = 32
 
 
