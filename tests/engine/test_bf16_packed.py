@@ -22,7 +22,7 @@ PROMPT = ("Summarise in one sentence: the lighthouse keeper climbed the stairs e
 
 @pytest.fixture(scope="module")
 def bf16_llm(smollm2_path: Path) -> LLM:
-    return LLM(str(smollm2_path), dtype="bfloat16", max_num_seqs=40)
+    return LLM(str(smollm2_path), dtype="bfloat16", max_num_seqs=BF16_MATMUL_ROWS + 8)
 
 
 def test_gguf_weights_stay_packed_and_large_steps_use_bfloat16(bf16_llm: LLM) -> None:
@@ -49,11 +49,11 @@ def test_a_bfloat16_matmul_is_close_to_the_float32_kernel(bf16_llm: LLM) -> None
     assert torch.equal(weight.matmul(x[:1]), one)
 
 def test_outputs_track_float32_as_vllm_compares_bfloat16(bf16_llm: LLM, smollm2_path: Path) -> None:
-    # 36 prompts decode in one batch (>= BF16_MATMUL_ROWS rows): every step multiplies in bfloat16
-    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=5, ignore_eos=True)
-    prompts = [f"{PROMPT} ({i})" for i in range(36)]
+    # the prompts decode in one batch (>= BF16_MATMUL_ROWS rows): every step multiplies in bfloat16
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, ignore_eos=True)
+    prompts = [f"{PROMPT} ({i})" for i in range(BF16_MATMUL_ROWS + 4)]
     got = bf16_llm.generate(prompts, params)
-    want = LLM(str(smollm2_path), max_num_seqs=40).generate(prompts, params)
+    want = LLM(str(smollm2_path), max_num_seqs=BF16_MATMUL_ROWS + 8).generate(prompts, params)
     for g, w in zip(got, want, strict=True):
         a, b = g.outputs[0], w.outputs[0]
         assert a.logprobs is not None and b.logprobs is not None
