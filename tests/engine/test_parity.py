@@ -99,11 +99,17 @@ def test_gguf_of_one_type_packs_every_linear(tmp_path: Path, qtype: Q) -> None:
     check_formats_agree(path, packed=2 * 4 + 1)
 
 
-def test_auto_keeps_bfloat16_dense(tmp_path: Path) -> None:
+def test_bfloat16_keeps_gguf_blocks_packed_unless_dense_is_asked(tmp_path: Path) -> None:
     path = tmp_path / "bf16.gguf"
     write_gguf(path)
-    llm = LLM(str(path), kv_cache_memory=8 << 20, dtype="bfloat16")
-    assert llm.engine.core.runner.num_packed_layers == 0
+    # bfloat16 matmuls over the packed blocks (tests/engine/test_bf16_packed.py), float32 elsewhere
+    runner = LLM(str(path), kv_cache_memory=8 << 20, dtype="bfloat16").engine.core.runner
+    float32 = LLM(str(path), kv_cache_memory=8 << 20).engine.core.runner
+    assert runner.num_packed_layers == float32.num_packed_layers > 0
+    assert runner.dtype == torch.float32
+    dense = LLM(str(path), kv_cache_memory=8 << 20, dtype="bfloat16",
+                weight_format="dense").engine.core.runner
+    assert dense.num_packed_layers == 0 and dense.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="weight_format"):
         LLM(str(path), weight_format="int4")
 
