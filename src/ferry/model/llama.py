@@ -186,8 +186,9 @@ class LlamaForCausalLM(nn.Module):
             # NOTE: Gemma rounds the scale to the activation dtype first, as here.
             x = x * torch.tensor(self.arch.embedding_scale, dtype=x.dtype)
         rope = self.rope(positions, x.dtype)
+        # NOTE: every row a single-token decode (a one-token prefill chunk counts as one too)
         stack = self._decode_stack() if meta.num_decodes == input_ids.shape[0] else None
-        if stack is not None and not meta.prefills and meta.decode_context_lens is not None:
+        if stack is not None and meta.decode_context_lens is not None:
             assert meta.decode_block_table is not None
             x = stack.forward(x, rope[0].squeeze(1), rope[1].squeeze(1), [k for k, _ in kv_caches],
                               [v for _, v in kv_caches], meta.slot_mapping,

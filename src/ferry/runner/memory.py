@@ -95,14 +95,10 @@ def default_kv_cache_memory(device: torch.device, demand: int | None = None) -> 
     return KVBudget(cap, why, "--kv-cache-memory")
 
 
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def dense_weight_bytes(arch: ArchConfig, dtype: torch.dtype) -> int:
     """Bytes of every weight held as ``dtype`` (an upper bound for GGUF blocks kept quantized)."""
     return sum(math.prod(shape) for shape in expected_weight_shapes(arch).values()) \
-        * dtype_bytes(dtype)
+        * dtype.itemsize
 
 
 def resident_weight_bytes(arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -144,7 +140,7 @@ def kv_budget(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype, device: 
                                     weights, free_device_memory(device))
         return KVBudget(budget, f"--gpu-memory-utilization {cache.gpu_memory_utilization}",
                         "--gpu-memory-utilization")
-    per_token = arch.kv_bytes_per_token(dtype_bytes(dtype))
+    per_token = arch.kv_bytes_per_token(dtype.itemsize)
     demand = None
     if demand_tokens is not None:  # whole blocks: each sequence rounds up to its last block
         demand = -(-demand_tokens // cache.block_size) * cache.block_size * per_token
@@ -163,7 +159,7 @@ def num_kv_blocks(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     budget = kv_budget(arch, cache, dtype, device, weight_bytes, demand_tokens)
-    per_token = arch.kv_bytes_per_token(dtype_bytes(dtype))
+    per_token = arch.kv_bytes_per_token(dtype.itemsize)
     blocks = kv_cache_blocks(budget.bytes, cache.block_size, per_token)
     if blocks < 1:
         raise ValueError(f"the KV budget of {budget.bytes} bytes is smaller than one KV block "
