@@ -10,7 +10,7 @@ the speed-up over no speculation, and checks that every greedy answer is the sam
 Not a timed test; run it by hand:
 
     .venv/bin/python benchmarks/speculative.py [--prompts 8] [--max-tokens 128] [--concurrency 8]
-        [--num-speculative-tokens 4] [--draft smollm2-135m-instruct]
+        [--num-speculative-tokens 4] [--draft smollm2-135m-instruct] [--disable-by-batch-size 4]
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--prompt-lookup-min", type=int, default=1)
     parser.add_argument("--draft", default=None, help="also run this draft model")
+    parser.add_argument("--disable-by-batch-size", type=int, default=None, metavar="N",
+                        help="also run n-gram lookup with vLLM's disable_by_batch_size=N")
     args = parser.parse_args()
     k = args.num_speculative_tokens
     modes: dict[str, dict[str, Any] | None] = {
@@ -107,6 +109,9 @@ def main() -> None:
         "ngram": {"method": "ngram", "num_speculative_tokens": k,
                   "prompt_lookup_max": args.prompt_lookup_max,
                   "prompt_lookup_min": args.prompt_lookup_min}}
+    if args.disable_by_batch_size:
+        modes[f"ngram<{args.disable_by_batch_size}"] = {
+            **modes["ngram"], "disable_by_batch_size": args.disable_by_batch_size}  # type: ignore[dict-item]
     if args.draft:
         modes["draft"] = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": k}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
@@ -123,11 +128,11 @@ def main() -> None:
     print(f"{args.prompts} prompts (rewrite / repeat / edit given text and code), greedy, "
           f"max_tokens {args.max_tokens}, k={k}, ngram n in [{args.prompt_lookup_min}, "
           f"{args.prompt_lookup_max}]")
-    print(f"{'mode':<7}{'c':>3}{'out tok/s':>11}{'speed-up':>10}{'acceptance':>12}"
+    print(f"{'mode':<9}{'c':>3}{'out tok/s':>11}{'speed-up':>10}{'acceptance':>12}"
           f"{'mean acc. len':>15}{'tokens':>8}  same output")
     for (mode, c), r in results.items():
         plain = results["none", c]
-        print(f"{mode:<7}{c:>3}{r.tok_s:>11.1f}{r.tok_s / plain.tok_s:>9.2f}x{r.acceptance:>12}"
+        print(f"{mode:<9}{c:>3}{r.tok_s:>11.1f}{r.tok_s / plain.tok_s:>9.2f}x{r.acceptance:>12}"
               f"{r.mean_accepted_length:>15}{r.tokens:>8}  {r.outputs == plain.outputs}")
 
 

@@ -36,10 +36,15 @@ def test_speculative_config_dict_as_vllm_reads_it() -> None:
     assert (c.method, c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min) == (
         "ngram", 4, 4, 4)
     assert SpeculativeConfig.from_dict({"model": "m"}).method == "draft_model"
+    limited = SpeculativeConfig.from_dict({"method": "ngram", "disable_by_batch_size": 8})
+    assert limited.enabled_for(7) and not limited.enabled_for(8)
+    assert SpeculativeConfig.from_dict({"disable_by_batch_size": None}).enabled_for(10_000)
     for bad, words in (({"method": "eagle"}, "method"), ({"num_speculative_tokens": 0}, "[1, 16]"),
                        ({"method": "draft_model"}, "needs a model"), ({"foo": 1}, "unknown key"),
                        ({"prompt_lookup_max": 1, "prompt_lookup_min": 3}, "prompt_lookup_max"),
-                       ({"num_speculative_tokens": "4"}, "integer")):
+                       ({"num_speculative_tokens": "4"}, "integer"),
+                       ({"disable_by_batch_size": 1}, ">= 2"),
+                       ({"disable_by_batch_size": "8"}, "integer")):
         with pytest.raises(ValueError, match=words.replace("[", r"\[")):
             SpeculativeConfig.from_dict(bad)
 

@@ -102,6 +102,28 @@ def test_a_random_tiny_draft_is_mostly_wrong_yet_the_output_is_exact(
     assert_no_leak(llm)
 
 
+def test_disable_by_batch_size_turns_the_draft_off_for_big_batches(
+        base: LLM, prompts: list[dict], tiny_llama_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = LLM(**COMMON, speculative_config={"model": str(tiny_llama_dir),
+                                            "num_speculative_tokens": 2,
+                                            "disable_by_batch_size": 2})
+    runner = llm.engine.core.runner
+    proposing_calls: list[int] = []
+    propose = runner._propose
+    monkeypatch.setattr(runner, "_propose",
+                        lambda sampling, sampled: proposing_calls.append(len(sampling))
+                        or propose(sampling, sampled))
+    # four streams that end together: every step runs four requests, so nothing is proposed
+    even = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert tokens(llm, prompts, even) == tokens(base, prompts, even)
+    assert spec_stats(llm).num_drafts == 0 and proposing_calls == []
+    # one stream alone speculates again, and stays exact
+    assert tokens(llm, prompts[:1], GREEDY) == tokens(base, prompts[:1], GREEDY)
+    assert spec_stats(llm).num_drafts > 0 and set(proposing_calls) == {1}
+    assert_no_leak(llm)
+
+
 def test_a_draft_of_another_vocabulary_is_refused(tmp_path: Path, hf_tokenizer_dir: Path) -> None:
     import shutil
 

@@ -204,3 +204,24 @@ def test_draft_model_reserves_lookahead_slots_and_uses_its_proposals() -> None:
     assert s.spec_token_ids == (1, 2, 3) and s.num_new_tokens == 4
     # positions 8..11 verified, then up to 3 ahead of position 12: 15 slots -> 4 blocks
     assert len(s.block_ids) == 4
+
+
+def test_disable_by_batch_size_stops_proposals_while_the_batch_is_that_big() -> None:
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_max=2,
+                             prompt_lookup_min=1, disable_by_batch_size=2)
+    sched, kv = sched_with(32, spec)
+    a = Request("a", list(PROMPT), SamplingParams(max_tokens=20), (), 20)
+    b = Request("b", list(PROMPT), SamplingParams(max_tokens=3), (), 3)
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched, {"a": [5], "b": [5]})  # both prefill
+    # two running requests: no proposals, one token each
+    out = step(sched, {"a": [6], "b": [6]})
+    assert [(s.num_new_tokens, s.spec_token_ids) for s in out.scheduled] == [(1, ()), (1, ())]
+    step(sched, {"a": [1], "b": [2]})  # b reaches max_tokens=3 and finishes
+    assert [r.request_id for r in sched.running] == ["a"]
+    # alone again: the lookup proposes for a
+    out = sched.schedule()
+    (s,) = out.scheduled
+    assert s.spec_token_ids and s.num_new_tokens == 1 + len(s.spec_token_ids)
+    assert sched.spec_counters is not None and sched.spec_counters.num_drafts == 0

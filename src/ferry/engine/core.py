@@ -72,10 +72,13 @@ class EngineCore:
                                    config.speculative)
         spec = config.speculative
         if spec is not None and spec.method == "draft_model":
-            self.runner.attach_draft(self._load_draft(config), spec.num_speculative_tokens)
+            self.runner.attach_draft(self._load_draft(config), spec.num_speculative_tokens,
+                                     spec.disable_by_batch_size)
         if spec is not None:
-            logger.info("speculative decoding: %s, up to %d proposed tokens per step",
-                        spec.method, spec.num_speculative_tokens)
+            logger.info("speculative decoding: %s, up to %d proposed tokens per step%s",
+                        spec.method, spec.num_speculative_tokens,
+                        "" if spec.disable_by_batch_size is None else
+                        f", none in steps of {spec.disable_by_batch_size} running requests or more")
 
     def _load_draft(self, config: EngineConfig) -> DraftModel:
         spec = config.speculative

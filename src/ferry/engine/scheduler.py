@@ -103,11 +103,13 @@ class Scheduler:
         # NOTE: victims are popped from the end of ``running``, at or after index ``i``, and the
         # admission loop below never preempts: a request already scheduled this step (index < i)
         # keeps its blocks for the whole step, so the block ids it carries stay valid.
+        speculate = (self.speculative is not None
+                     and self.speculative.enabled_for(len(self.running)))
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            spec = self._proposals(request, num_new, budget - num_new)
+            spec = self._proposals(request, num_new, budget - num_new) if speculate else []
             lookahead = self._lookahead(request, num_new, len(spec))
             while not self.kv.allocate_slots(request, num_new + len(spec) + lookahead):
                 if spec or lookahead:

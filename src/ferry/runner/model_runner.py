@@ -149,12 +149,17 @@ class ModelRunner:
     # draft_model speculation: set by ``attach_draft`` (None: no draft)
     draft: DraftModel | None = None
     num_speculative_tokens: int = 0
+    draft_disable_by_batch_size: int | None = None
 
-    def attach_draft(self, draft: DraftModel, num_speculative_tokens: int) -> None:
+    def attach_draft(self, draft: DraftModel, num_speculative_tokens: int,
+                     disable_by_batch_size: int | None = None) -> None:
         """Run ``draft`` beside the model: it mirrors every step's batch into its own KV (same
-        block ids) and proposes ``num_speculative_tokens`` tokens after each sampled request."""
+        block ids) and proposes ``num_speculative_tokens`` tokens after each sampled request,
+        unless the step ran ``disable_by_batch_size`` requests or more (the scheduler would not
+        verify them)."""
         self.draft = draft
         self.num_speculative_tokens = num_speculative_tokens
+        self.draft_disable_by_batch_size = disable_by_batch_size
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -192,7 +197,11 @@ class ModelRunner:
             self._eos_ids(requests), logits.shape[-1], self.device, token_mask)
         result = self.sampler(logits, batch)
         sampled = self._verify(sampling, self._to_tokens(requests, result))
-        drafts = self._propose(sampling, sampled) if self.draft is not None else {}
+        limit = self.draft_disable_by_batch_size
+        # NOTE: skipping the proposals leaves the draft's KV whole: it mirrors every step's
+        # inputs above, so the tokens sampled now enter it with the next step.
+        proposing = self.draft is not None and (limit is None or len(order) < limit)
+        drafts = self._propose(sampling, sampled) if proposing else {}
         return ModelRunnerOutput(sampled, drafts)
 
     @staticmethod
