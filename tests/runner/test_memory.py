@@ -70,6 +70,22 @@ def test_the_engine_sizes_its_pool_from_its_limits(tiny_llama_dir: Path,
     assert any("max_num_seqs x max_model_len need" in r.getMessage() for r in caplog.records)
 
 
+def test_a_draft_models_kv_shares_the_budget(tiny_llama_dir: Path) -> None:
+    arch, cache = _arch(), CacheConfig(block_size=16, kv_cache_memory=1 * MiB)
+    alone = num_kv_blocks(arch, cache, torch.float32, CPU)
+    # a draft of the same shape doubles the bytes per token: half the blocks fit
+    assert num_kv_blocks(arch, cache, torch.float32, CPU, draft=arch) == alone // 2
+    # the engine: the target's pool and the draft's tensors together stay within the budget
+    budget = 2 * MiB
+    llm = LLM(str(tiny_llama_dir), kv_cache_memory=budget,
+              speculative_config={"model": str(tiny_llama_dir), "num_speculative_tokens": 2})
+    runner = llm.engine.core.runner
+    assert runner.draft is not None
+    used = runner.kv_cache_bytes + runner.draft.kv_cache_bytes
+    block = used // runner.num_blocks
+    assert budget - block < used <= budget
+
+
 def test_the_cpu_pool_reads_as_zeros_and_costs_memory_only_when_written() -> None:
     before = _rss()
     pool = zeroed_pool(GiB // 2, torch.float32)

@@ -10,7 +10,7 @@ from ferry.batch.request import Request, RequestStatus
 from ferry.config import ArchConfig, EngineConfig
 from ferry.engine.kv_cache import KVCacheManager
 from ferry.engine.scheduler import Scheduler
-from ferry.loader import load_model
+from ferry.loader import LoadedModel, load_model
 from ferry.runner.model_runner import ModelRunner, WeightSource
 from ferry.spec import DraftModel
 
@@ -62,17 +62,21 @@ class EngineCore:
         self.config = config
         self.arch = arch
         asked_len = resolve_max_model_len(arch, config.model.max_model_len)  # before the weights
+        spec = config.speculative
+        # NOTE: the draft's file is read before the pool is sized: its KV shares the budget
+        draft = (load_model(spec.model, download_dir=config.model.download_dir)
+                 if spec is not None and spec.method == "draft_model" and spec.model else None)
         self.runner = ModelRunner(arch, config.model, config.cache, weights,
-                                  demand_tokens=config.scheduler.max_num_seqs * asked_len)
+                                  demand_tokens=config.scheduler.max_num_seqs * asked_len,
+                                  draft_arch=None if draft is None else draft.arch)
         self.max_model_len = fit_max_model_len(asked_len, self.runner.num_blocks,
                                                config.cache.block_size)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching, sliding_window=arch.kv_window)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len,
                                    config.speculative)
-        spec = config.speculative
-        if spec is not None and spec.method == "draft_model":
-            self.runner.attach_draft(self._load_draft(config), spec.num_speculative_tokens,
+        if spec is not None and draft is not None:
+            self.runner.attach_draft(self._build_draft(draft, config), spec.num_speculative_tokens,
                                      spec.disable_by_batch_size)
         if spec is not None:
             logger.info("speculative decoding: %s, up to %d proposed tokens per step%s",
@@ -80,11 +84,8 @@ class EngineCore:
                         "" if spec.disable_by_batch_size is None else
                         f", none in steps of {spec.disable_by_batch_size} running requests or more")
 
-    def _load_draft(self, config: EngineConfig) -> DraftModel:
-        spec = config.speculative
-        assert spec is not None and spec.model is not None
+    def _build_draft(self, loaded: LoadedModel, config: EngineConfig) -> DraftModel:
         m = config.model
-        loaded = load_model(spec.model, download_dir=m.download_dir)
         runner = self.runner
         return DraftModel(loaded, self.arch.vocab_size, dtype=runner.dtype, device=runner.device,
                           kernels=runner.kernels, keep_quantized=m.weight_format == "auto",

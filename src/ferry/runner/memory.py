@@ -128,19 +128,30 @@ def utilization_budget(fraction: float, total: int, weight_bytes: int, free: int
     return budget
 
 
+def kv_bytes_per_token(arch: ArchConfig, dtype: torch.dtype, draft: ArchConfig | None = None) -> int:
+    """KV bytes one token takes in the pool: the model's, plus a draft model's, whose KV tensors
+    are indexed by the same block ids (speculative decoding with a draft)."""
+    return arch.kv_bytes_per_token(dtype.itemsize) + (
+        0 if draft is None else draft.kv_bytes_per_token(dtype.itemsize))
+
+
 def kv_budget(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
-              weight_bytes: int | None = None, demand_tokens: int | None = None) -> KVBudget:
-    """The KV pool's bytes and why (see the module's docstring for the precedence)."""
+              weight_bytes: int | None = None, demand_tokens: int | None = None,
+              draft: ArchConfig | None = None) -> KVBudget:
+    """The KV pool's bytes and why (see the module's docstring for the precedence). ``draft``: a
+    draft model whose KV shares the pool's blocks (and, on a GPU, whose weights load after it)."""
     if cache.kv_cache_memory is not None:
         return KVBudget(cache.kv_cache_memory, "--kv-cache-memory", "--kv-cache-memory")
     if cache.gpu_memory_utilization is not None:
         weights = (resident_weight_bytes(arch, dtype, device) if weight_bytes is None
                    else weight_bytes)
+        if draft is not None and device.type == "cuda":
+            weights += dense_weight_bytes(draft, dtype)  # NOTE: loaded after the pool is sized
         budget = utilization_budget(cache.gpu_memory_utilization, total_device_memory(device),
                                     weights, free_device_memory(device))
         return KVBudget(budget, f"--gpu-memory-utilization {cache.gpu_memory_utilization}",
                         "--gpu-memory-utilization")
-    per_token = arch.kv_bytes_per_token(dtype.itemsize)
+    per_token = kv_bytes_per_token(arch, dtype, draft)
     demand = None
     if demand_tokens is not None:  # whole blocks: each sequence rounds up to its last block
         demand = -(-demand_tokens // cache.block_size) * cache.block_size * per_token
@@ -149,17 +160,18 @@ def kv_budget(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype, device: 
 
 def num_kv_blocks(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
                   device: torch.device, weight_bytes: int | None = None,
-                  demand_tokens: int | None = None) -> int:
+                  demand_tokens: int | None = None, draft: ArchConfig | None = None) -> int:
     """Blocks that fit in the budget: ``kv_cache_blocks``, budget // (block_size x KV bytes per token).
 
     ``weight_bytes``: the loaded weights' size, for ``gpu_memory_utilization``; None measures it
     (``resident_weight_bytes``). ``demand_tokens``: max_num_seqs x max_model_len, which bounds the
-    default budget. The start-up log says which rule chose the size.
+    default budget. ``draft``: a draft model's architecture, whose KV per token the budget holds
+    too. The start-up log says which rule chose the size.
     """
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
-    budget = kv_budget(arch, cache, dtype, device, weight_bytes, demand_tokens)
-    per_token = arch.kv_bytes_per_token(dtype.itemsize)
+    budget = kv_budget(arch, cache, dtype, device, weight_bytes, demand_tokens, draft)
+    per_token = kv_bytes_per_token(arch, dtype, draft)
     blocks = kv_cache_blocks(budget.bytes, cache.block_size, per_token)
     if blocks < 1:
         raise ValueError(f"the KV budget of {budget.bytes} bytes is smaller than one KV block "

@@ -58,8 +58,10 @@ def resolve_device(name: str) -> torch.device:
 
 class ModelRunner:
     def __init__(self, arch: ArchConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                 weights: WeightSource, demand_tokens: int | None = None) -> None:
-        """``demand_tokens``: max_num_seqs x max_model_len, which bounds the default KV pool."""
+                 weights: WeightSource, demand_tokens: int | None = None,
+                 draft_arch: ArchConfig | None = None) -> None:
+        """``demand_tokens``: max_num_seqs x max_model_len, which bounds the default KV pool;
+        ``draft_arch``: the draft model that will be attached (its KV shares the pool's budget)."""
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = _DTYPES[model_config.dtype]
@@ -85,7 +87,7 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(
             arch, cache_config, self.dtype, self.device,
             weight_bytes=None if self.device.type == "cuda" else self.weight_bytes,
-            demand_tokens=demand_tokens)
+            demand_tokens=demand_tokens, draft=draft_arch)
         shape = (self.num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
         # NOTE: zeros, not empty: padded attention reads stale slots under a mask, and a NaN there
         # would survive a zero attention weight. On CPU the zeros are committed page by page.
