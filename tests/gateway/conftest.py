@@ -52,9 +52,10 @@ def config_dict(backends: list[dict[str, Any]], database: str, **top: Any) -> di
 
 
 class GatewayHarness:
-    def __init__(self, config: GatewayConfig, instance: str | None = None) -> None:
+    def __init__(self, config: GatewayConfig, instance: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.config = config
-        self.app = create_app(config, ENV, instance=instance)
+        self.app = create_app(config, {**ENV, **(env or {})}, instance=instance)
         self.gw = self.app.state.gateway
         self.server = ServerThread(self.app).start()
         self.admin = httpx.Client(base_url=self.server.url, headers={"Authorization": f"Bearer {MASTER}"},
@@ -113,9 +114,9 @@ def gateway(tmp_path: Any) -> Iterator[Callable[..., GatewayHarness]]:
     made: list[GatewayHarness] = []
 
     def make(backends: list[dict[str, Any]], database: str | None = None, instance: str | None = None,
-             **top: Any) -> GatewayHarness:
+             env: dict[str, str] | None = None, **top: Any) -> GatewayHarness:
         db = database or f"sqlite:///{tmp_path}/gateway.db"
-        h = GatewayHarness(parse_config(config_dict(backends, db, **top)), instance)
+        h = GatewayHarness(parse_config(config_dict(backends, db, **top)), instance, env)
         made.append(h)
         return h
 

@@ -60,6 +60,7 @@ class UpstreamState:
     completion_tokens_total: int = 0
     tokenized: int = 0  # /tokenize calls
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    request_headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -96,6 +97,7 @@ def make_upstream(state: UpstreamState) -> FastAPI:
         with state.lock:
             state.requests += 1
             state.bodies.append(body)
+            state.request_headers.append(dict(request.headers))
             failing = _should_fail(state)
         if failing is not None:
             return JSONResponse({"error": {"message": f"{state.name} told to fail", "type": "server_error",

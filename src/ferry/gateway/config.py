@@ -14,12 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import yaml
 
 LOCATIONS = ("onprem", "cloud")
-BACKEND_KINDS = ("ferry", "openai")
+BACKEND_KINDS = ("ferry", "openai", "azure", "anthropic")
+ANTHROPIC_VERSION = "2023-06-01"  # the anthropic-version header's default (the Messages API's)
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a header value
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 POLICIES = ("onprem-first", "least-load", "lowest-cost", "round-robin")
 PII_DETECTORS = ("email", "phone", "card", "iban", "national_id")
 
@@ -69,6 +72,14 @@ class BackendConfig:
     input_per_mtok: float = 0.0  # USD per million prompt tokens; amortized cost for on-prem
     output_per_mtok: float = 0.0
     metrics_url: str | None = None  # ferry backends: defaults to <url without /v1>/metrics
+    # extra request headers; a value may name environment variables as ${NAME} (secrets stay out of
+    # the file and out of the logs)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # azure: the api-version query parameter (or in the url's ?api-version=); anthropic: the
+    # anthropic-version header (default ANTHROPIC_VERSION)
+    api_version: str | None = None
+    # azure: a Microsoft Entra ID token sent as a bearer token instead of the api-key header
+    azure_ad_token_env: str | None = None
     path: str = "backends[?]"  # where it came from, for messages
 
     def __post_init__(self) -> None:
@@ -76,6 +87,7 @@ class BackendConfig:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
             raise ConfigError(f"{p}.name", f"must be letters, digits, '_', '.', '-', got {self.name!r}")
         _check_url(f"{p}.url", self.url)
+        self._check_provider(p)
         if self.location not in LOCATIONS:
             raise ConfigError(f"{p}.location", f"must be one of {LOCATIONS}, got {self.location!r}")
         if self.kind not in BACKEND_KINDS:
@@ -91,6 +103,72 @@ class BackendConfig:
             _check_url(f"{p}.metrics_url", self.metrics_url)
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(self.api_key_env)):
             raise ConfigError(f"{p}.api_key_env", f"must be an environment variable name, got {self.api_key_env!r}")
+
+    def _check_provider(self, p: str) -> None:
+        """What each kind needs of its URL, version and credentials; headers for every kind."""
+        query = parse_qs(urlparse(self.url).query)
+        if self.kind == "azure":
+            in_url = query.get("api-version", [None])[0]
+            if set(query) - {"api-version"}:
+                raise ConfigError(f"{p}.url", f"an Azure deployment URL takes only ?api-version=, got {self.url!r}")
+            if in_url and self.api_version and in_url != self.api_version:
+                raise ConfigError(f"{p}.api_version", f"{self.api_version!r} differs from the url's "
+                                                      f"api-version {in_url!r}")
+            if not (in_url or self.api_version):
+                raise ConfigError(f"{p}.api_version", "is required for kind azure (or ?api-version= in the url)")
+            if "/openai/deployments/" not in urlparse(self.url).path:
+                raise ConfigError(f"{p}.url", "must be an Azure OpenAI deployment URL "
+                                              f"(https://RESOURCE.openai.azure.com/openai/deployments/NAME), got {self.url!r}")
+            if self.api_key_env and self.azure_ad_token_env:
+                raise ConfigError(f"{p}.azure_ad_token_env", "give api_key_env or azure_ad_token_env, not both")
+        else:
+            if query or urlparse(self.url).query:
+                hint = " (an Azure deployment URL needs kind: azure)" if "api-version" in query else ""
+                raise ConfigError(f"{p}.url", f"must be a base URL without a query string, got {self.url!r}{hint}")
+            if self.azure_ad_token_env is not None:
+                raise ConfigError(f"{p}.azure_ad_token_env", f"is for kind azure, not {self.kind}")
+            if self.api_version is not None and self.kind != "anthropic":
+                raise ConfigError(f"{p}.api_version", f"is for kinds azure and anthropic, not {self.kind}")
+        for key, value in (("api_version", self.api_version),):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{p}.{key}", f"must be a non-empty string, got {value!r}")
+        if self.azure_ad_token_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
+                                                                    str(self.azure_ad_token_env)):
+            raise ConfigError(f"{p}.azure_ad_token_env",
+                              f"must be an environment variable name, got {self.azure_ad_token_env!r}")
+        if not isinstance(self.headers, Mapping):
+            raise ConfigError(f"{p}.headers", f"must be a mapping of header names to values, got "
+                                              f"{type(self.headers).__name__}")
+        for name, value in self.headers.items():
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                raise ConfigError(f"{p}.headers", f"bad header name {name!r}")
+            if not isinstance(value, str) or "\n" in value or "\r" in value:
+                raise ConfigError(f"{p}.headers.{name}", "must be a one-line string")
+            if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+                raise ConfigError(f"{p}.headers.{name}", "is set by the gateway itself")
+
+    @property
+    def header_env(self) -> tuple[str, ...]:
+        """The environment variables the headers name, in order."""
+        return tuple(m.group(1) for v in self.headers.values() for m in _ENV_REF.finditer(v))
+
+    def resolved_headers(self, env: Mapping[str, str]) -> dict[str, str]:
+        """``headers`` with every ${NAME} replaced from ``env`` (start-up checks they are set)."""
+        return {k: _ENV_REF.sub(lambda m: env.get(m.group(1), ""), v) for k, v in self.headers.items()}
+
+    @property
+    def version(self) -> str | None:
+        """azure's api-version (the field or the url's), anthropic's anthropic-version header."""
+        if self.kind == "azure":
+            return self.api_version or parse_qs(urlparse(self.url).query)["api-version"][0]
+        if self.kind == "anthropic":
+            return self.api_version or ANTHROPIC_VERSION
+        return None
+
+    @property
+    def base_url(self) -> str:
+        """The url without its query (Azure's api-version travels as a parameter of each request)."""
+        return self.url.split("?", 1)[0]
 
     @property
     def scrape_url(self) -> str | None:
@@ -337,6 +415,12 @@ class GatewayConfig:
         for b in self.backends:
             if b.api_key_env is not None and not env.get(b.api_key_env):
                 errors.append(f"{b.path}.api_key_env: environment variable {b.api_key_env} is not set")
+            if b.azure_ad_token_env is not None and not env.get(b.azure_ad_token_env):
+                errors.append(f"{b.path}.azure_ad_token_env: environment variable {b.azure_ad_token_env} "
+                              "is not set")
+            for name in b.header_env:
+                if not env.get(name):
+                    errors.append(f"{b.path}.headers: environment variable {name} is not set")
         return errors
 
 
@@ -367,7 +451,8 @@ def _list(value: Any, key: str) -> list[Any]:
 
 
 _BACKEND_KEYS = ("name", "url", "location", "kind", "api_key_env", "max_concurrency", "timeout",
-                 "connect_timeout", "input_per_mtok", "output_per_mtok", "metrics_url")
+                 "connect_timeout", "input_per_mtok", "output_per_mtok", "metrics_url", "headers",
+                 "api_version", "azure_ad_token_env")
 
 
 _MODEL_LIMIT_KEYS = ("max_output_tokens", "template_overhead_tokens", "message_overhead_tokens")
@@ -456,8 +541,14 @@ def describe(config: GatewayConfig) -> str:
     lines = ["backends:"]
     for b in config.backends:
         key = f", key from ${b.api_key_env}" if b.api_key_env else ""
+        if b.azure_ad_token_env:
+            key = f", Entra ID token from ${b.azure_ad_token_env}"
+        if b.version:
+            key += f", {'api-version' if b.kind == 'azure' else 'anthropic-version'} {b.version}"
+        if b.headers:  # NOTE: names only: values may hold secrets
+            key += f", headers {', '.join(sorted(b.headers))}"
         scrape = f", metrics {b.scrape_url}" if b.scrape_url else ""
-        lines.append(f"  {b.name}: {b.kind} at {b.url} ({b.location}), max_concurrency {b.max_concurrency}, "
+        lines.append(f"  {b.name}: {b.kind} at {b.base_url} ({b.location}), max_concurrency {b.max_concurrency}, "
                      f"timeout {b.timeout:g}s, ${b.input_per_mtok:g}/${b.output_per_mtok:g} per Mtok in/out"
                      f"{key}{scrape}")
     lines.append("models:")

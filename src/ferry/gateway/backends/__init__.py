@@ -11,7 +11,9 @@ from ferry.gateway.backends.base import Backend, UpstreamError
 from ferry.gateway.config import BackendConfig, HealthConfig
 
 _KINDS = {"openai": ("ferry.gateway.backends.openai_compat", "OpenAICompatBackend"),
-          "ferry": ("ferry.gateway.backends.ferry", "FerryBackend")}
+          "ferry": ("ferry.gateway.backends.ferry", "FerryBackend"),
+          "azure": ("ferry.gateway.backends.azure", "AzureBackend"),
+          "anthropic": ("ferry.gateway.backends.anthropic", "AnthropicBackend")}
 
 
 def make_backend(config: BackendConfig, health: HealthConfig, env: Mapping[str, str],

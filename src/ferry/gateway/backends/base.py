@@ -43,15 +43,30 @@ class Backend:
         self.breaker = CircuitBreaker(health.failure_threshold, health.cooldown)
         self.signals = LoadSignals()
         self._health_timeout = health.timeout
-        api_key = env.get(config.api_key_env) if config.api_key_env else None
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # NOTE: the configured headers first, so a kind's own credentials header always wins
+        headers = {**config.resolved_headers(env), **self.auth_headers(env)}
         timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
         # NOTE: the pool must hold max_concurrency streams at once, or requests queue inside httpx
         # where neither the in-flight count nor the client's disconnect can see them.
         limits = httpx.Limits(max_connections=config.max_concurrency + 8,
                               max_keepalive_connections=config.max_concurrency)
-        self.client = httpx.AsyncClient(base_url=config.url.rstrip("/") + "/", headers=headers, timeout=timeout,
-                                        limits=limits, transport=transport)
+        self.client = httpx.AsyncClient(base_url=config.base_url.rstrip("/") + "/", headers=headers,
+                                        params=self.query_params(), timeout=timeout,
+                                        transport=self.wrap_transport(transport, limits), limits=limits)
+
+    def auth_headers(self, env: Mapping[str, str]) -> dict[str, str]:
+        """How this kind presents its key: OpenAI's ``Authorization: Bearer``."""
+        api_key = env.get(self.config.api_key_env) if self.config.api_key_env else None
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def query_params(self) -> dict[str, str]:
+        """Query parameters every request carries (Azure's api-version)."""
+        return {}
+
+    def wrap_transport(self, transport: httpx.AsyncBaseTransport | None, limits: httpx.Limits
+                       ) -> httpx.AsyncBaseTransport | None:
+        """The transport requests go through; a kind that speaks another API translates here."""
+        return transport
 
     @property
     def up(self) -> bool:
