@@ -10,8 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ferry.planner.calibrate import (Measurement, Profile, SweepConfig, fit_efficiency, load_profile, measure,
-                                     predicted_vs_measured)
+from ferry.planner.calibrate import (
+    Measurement,
+    Profile,
+    SweepConfig,
+    fit_efficiency,
+    load_profile,
+    measure,
+    measurements_from_bench,
+    predicted_vs_measured,
+)
 from ferry.planner.catalog import get_dtype, get_gpu, resolve_model
 from ferry.planner.errors import PlannerError
 from ferry.planner.throughput import Efficiency, Replica, serving_point
@@ -112,8 +120,9 @@ def test_sweep_against_a_fake_streaming_server() -> None:
     server = FakeServer()
     cfg = SweepConfig(url="http://fake:8000", concurrencies=(1, 3), requests_per_level=3, prompt_tokens=16,
                       output_tokens=5, timeout_s=30)
-    model, ms = asyncio.run(measure(cfg, transport=httpx.MockTransport(server)))
-    assert model == "fake-model"
+    doc = asyncio.run(measure(cfg, transport=httpx.MockTransport(server)))
+    assert doc["schema"] == "ferry.bench/1" and {r["model"] for r in doc["records"]} == {"fake-model"}
+    _, ms = measurements_from_bench(doc)
     assert [m.concurrency for m in ms] == [1, 3]
     assert [m.requests for m in ms] == [3, 3]
     assert all(m.prompt_tokens == 70 and m.output_tokens == 5 for m in ms)  # from the usage chunk

@@ -1,5 +1,8 @@
 """``ferry plan --calibrate URL``: measure a live OpenAI-compatible server, fit the roofline's efficiency
 factors to what it measured, and store them in a profile that ``--profile FILE`` plans with.
+``--calibrate-from FILE`` fits a ``ferry bench --out`` file instead: the live sweep writes its levels in
+that file's format too, so both go through one path (``measurements_from_bench`` ->
+``profile_from_measurements``) from bench records to the throughput model.
 
 The sweep is short and bounded: at each concurrency ``C`` (closed loop: ``C`` workers, each sending its
 next request when the last one ends), a fixed number of streamed completions with ``ignore_eos`` so every
@@ -34,10 +37,17 @@ from typing import Any
 import numpy as np
 
 from ferry.planner.errors import PlannerError
-from ferry.planner.throughput import Efficiency, Replica, default_efficiency, prefill_flops, serving_point
+from ferry.planner.throughput import (
+    Efficiency,
+    Replica,
+    default_efficiency,
+    prefill_flops,
+    serving_point,
+)
 from ferry.sse import DONE, aiter_sse_data
 
 PROFILE_VERSION = 1
+BENCH_SCHEMA = "ferry.bench/1"  # NOTE: ferry.bench.report.SCHEMA; the planner may not import the bench package
 _WORDS = ("the of and to in is was for on that with as by at from they this which be have are not had one all "
           "were but can when there been would their more about time some like them into only other these then "
           "could first made most over people after many also water long little very down way day").split()
@@ -279,7 +289,7 @@ async def _one_request(client: Any, cfg: SweepConfig, model: str, deadline: floa
 
 
 async def _level(client: Any, cfg: SweepConfig, model: str, concurrency: int, deadline: float,
-                 indices: Iterator[int]) -> Measurement:
+                 indices: Iterator[int]) -> dict[str, Any]:
     total = cfg.requests_at(concurrency)
     remaining = [total]
     timings: list[_Timing] = []
@@ -295,15 +305,30 @@ async def _level(client: Any, cfg: SweepConfig, model: str, concurrency: int, de
     if len(timings) < total:
         raise PlannerError(f"calibration ran past --calibrate-timeout at concurrency {concurrency} "
                            f"({len(timings)}/{total} requests done)")
+    return _bench_record(cfg, model, concurrency, timings, wall)
+
+
+def _stats_ms(values: list[float]) -> dict[str, float]:
+    ms = np.array(values) * 1000.0
+    return {"count": len(values), "mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)),
+            "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99))}
+
+
+def _bench_record(cfg: SweepConfig, model: str, concurrency: int, timings: list[_Timing], wall: float
+                  ) -> dict[str, Any]:
+    """One level of the sweep as a ``ferry bench --out`` record (the fields calibration reads, same meanings)."""
     n = len(timings)
-    return Measurement(concurrency=concurrency, requests=n, prompt_tokens=sum(t.prompt_tokens for t in timings) / n,
-                       output_tokens=sum(t.output_tokens for t in timings) / n,
-                       ttft_s=sum(t.ttft_s for t in timings) / n, itl_s=sum(t.itl_s for t in timings) / n,
-                       output_tok_s=sum(t.output_tokens for t in timings) / wall, wall_s=wall)
+    prompt, output = sum(t.prompt_tokens for t in timings), sum(t.output_tokens for t in timings)
+    return {"label": cfg.url, "url": cfg.base, "model": model, "endpoint": "completions", "mode": "concurrency",
+            "load": concurrency, "load_label": f"c={concurrency}", "num_requests": n, "ok": n, "failed": 0,
+            "duration_s": wall, "total_prompt_tokens": prompt, "total_output_tokens": output,
+            "request_throughput": n / wall, "output_throughput": output / wall,
+            "total_throughput": (prompt + output) / wall,
+            "ttft_ms": _stats_ms([t.ttft_s for t in timings]), "tpot_ms": _stats_ms([t.itl_s for t in timings])}
 
 
-async def measure(cfg: SweepConfig, transport: Any = None) -> tuple[str, list[Measurement]]:
-    """Run the sweep; returns the served model name and one measurement per concurrency.
+async def measure(cfg: SweepConfig, transport: Any = None) -> dict[str, Any]:
+    """Run the sweep; returns it as a ``ferry bench --out`` document, one record per concurrency.
 
     ``transport``: an ``httpx`` transport to use instead of the network (tests).
     """
@@ -328,16 +353,97 @@ async def measure(cfg: SweepConfig, transport: Any = None) -> tuple[str, list[Me
                        for c in cfg.concurrencies]
     except httpx.HTTPError as e:
         raise PlannerError(f"calibration against {cfg.url} failed: {type(e).__name__}: {e}") from e
-    return model, results
+    workload = {"dataset": "synthetic", "input_len": cfg.prompt_tokens, "output_len": cfg.output_tokens,
+                "ignore_eos": True, "temperature": 0.0, "endpoint": "completions", "source": "ferry plan --calibrate"}
+    return {"schema": BENCH_SCHEMA, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "workload": workload, "records": [{**r, "workload": workload} for r in results]}
 
 
-def calibrate(cfg: SweepConfig, replica: Replica, model_ref: str) -> tuple[Profile, list[dict[str, float]]]:
-    """Measure, fit, and build the profile; also returns predicted-vs-measured rows for the report."""
-    _, ms = asyncio.run(measure(cfg))
+def profile_from_measurements(replica: Replica, model_ref: str, ms: list[Measurement] | tuple[Measurement, ...],
+                              source: str) -> tuple[Profile, list[dict[str, float]]]:
+    """Measurements -> fitted factors -> profile, and predicted-vs-measured rows for the report.
+
+    The one path from measured load levels to the throughput model, for a live sweep and a bench file alike.
+    """
+    ms = tuple(sorted(ms, key=lambda m: m.concurrency))
+    if not ms:
+        raise PlannerError("calibration needs at least one measurement")
     prompt = round(sum(m.prompt_tokens for m in ms) / len(ms))
     output = round(sum(m.output_tokens for m in ms) / len(ms))
     eff, rms = fit_efficiency(replica, ms, prompt_tokens=prompt, output_tokens=output)
     profile = Profile(model=model_ref, gpu=replica.gpu.name, dtype=replica.dtype.name, kv_dtype=replica.kv_dtype.name,
-                      efficiency=eff, prompt_tokens=prompt, output_tokens=output, measurements=tuple(ms),
-                      fit_rms_log_error=rms, url=cfg.url, created=datetime.now(timezone.utc).isoformat())
-    return profile, predicted_vs_measured(replica, eff, tuple(ms), prompt, output)
+                      efficiency=eff, prompt_tokens=prompt, output_tokens=output, measurements=ms,
+                      fit_rms_log_error=rms, url=source, created=datetime.now(timezone.utc).isoformat())
+    return profile, predicted_vs_measured(replica, eff, ms, prompt, output)
+
+
+def calibrate(cfg: SweepConfig, replica: Replica, model_ref: str
+              ) -> tuple[Profile, list[dict[str, float]], dict[str, Any]]:
+    """Measure a live server into a bench document, then fit it as ``--calibrate-from`` fits a file.
+
+    Returns the profile, the predicted-vs-measured rows and the bench document (``--bench-out`` saves it).
+    """
+    doc = asyncio.run(measure(cfg))
+    _, ms = measurements_from_bench(doc)
+    profile, rows = profile_from_measurements(replica, model_ref, ms, cfg.url)
+    return profile, rows, doc
+
+
+# ---- a `ferry bench --out` file -------------------------------------------------------------------
+
+
+def read_bench(path: str | Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise PlannerError(f"cannot read bench file {str(path)!r}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise PlannerError(f"bench file {str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("schema") != BENCH_SCHEMA or not isinstance(doc.get("records"), list):
+        raise PlannerError(f"{str(path)!r} is not a `ferry bench --out` file (schema {BENCH_SCHEMA!r} with records)")
+    return doc
+
+
+def measurements_from_bench(doc: dict[str, Any], label: str | None = None) -> tuple[str, list[Measurement]]:
+    """One measurement per closed-loop load point of one server in a ``ferry bench --out`` document.
+
+    Returns the server's label (or URL) and the measurements. A run fit for calibration measured every
+    output token (``--ignore-eos`` keeps lengths fixed), at one or more ``--concurrency`` levels, with no
+    failed request. Per level: TTFT = mean TTFT, ITL = mean TPOT (a request's decode time over its
+    tokens after the first, as the live sweep times it), output tok/s = output tokens / the level's wall time.
+    """
+    records = [r for r in doc["records"] if isinstance(r, dict)]
+    labels = sorted({str(r.get("label") or r.get("url")) for r in records})
+    if label is None:
+        if len(labels) != 1:
+            raise PlannerError(f"the bench file has records of {len(labels)} servers ({', '.join(labels)}); "
+                               "pick one with --bench-label")
+        label = labels[0]
+    mine = [r for r in records if str(r.get("label") or r.get("url")) == label]
+    if not mine:
+        raise PlannerError(f"no records for --bench-label {label!r}; the file has {', '.join(labels)}")
+    closed = [r for r in mine if r.get("mode") == "concurrency"]
+    if not closed:
+        raise PlannerError("calibration needs closed-loop load points (ferry bench --concurrency 1,4 ...); "
+                           "the file has only --request-rate ones")
+    ms = []
+    for r in closed:
+        try:
+            where = f"bench record {label} concurrency {r['load']}"
+            if r["failed"]:
+                raise PlannerError(f"{where}: {r['failed']} requests failed; calibrate from a clean run")
+            ok = int(r["ok"])
+            if ok <= 0 or r["ttft_ms"] is None or r["tpot_ms"] is None:
+                raise PlannerError(f"{where}: no request measured both TTFT and time per output token")
+            ms.append(Measurement(concurrency=int(r["load"]), requests=ok,
+                                  prompt_tokens=r["total_prompt_tokens"] / ok,
+                                  output_tokens=r["total_output_tokens"] / ok,
+                                  ttft_s=float(r["ttft_ms"]["mean"]) / 1000, itl_s=float(r["tpot_ms"]["mean"]) / 1000,
+                                  output_tok_s=float(r["output_throughput"]), wall_s=float(r["duration_s"])))
+        except PlannerError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlannerError(f"bench record {label}: malformed: {e!r}") from e
+    if len({m.concurrency for m in ms}) != len(ms):
+        raise PlannerError(f"the bench file has the same concurrency twice for {label}")
+    return label, ms

@@ -10,7 +10,6 @@ import argparse
 import re
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ferry.planner.errors import PlannerError
@@ -70,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     o.add_argument("--plot", help="write PNGs: PATH-cost.png and PATH-load.png (PATH.png accepted)")
     k = parser.add_argument_group("calibration")
     k.add_argument("--calibrate", metavar="URL", help="measure a running OpenAI-compatible server and write a profile")
+    k.add_argument("--calibrate-from", metavar="FILE",
+                   help="fit the profile to a `ferry bench --out` file (closed-loop --concurrency levels, "
+                        "--ignore-eos) instead of measuring a live server")
+    k.add_argument("--bench-out", metavar="FILE",
+                   help="--calibrate: also write what it measured as a `ferry bench --out` file")
+    k.add_argument("--bench-label", help="--calibrate-from: the server's label when the file compares several")
     k.add_argument("--calibrate-concurrency", default="1,4", help="comma-separated concurrencies (default 1,4)")
     k.add_argument("--calibrate-requests", type=int, help="requests per level (default 2 x concurrency, >= 3)")
     k.add_argument("--calibrate-timeout", type=float, default=300.0, help="seconds for the whole sweep")
@@ -81,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _calibrate(args) if args.calibrate else _plan(args)
+        if args.calibrate and args.calibrate_from:
+            raise PlannerError("give --calibrate URL or --calibrate-from FILE, not both")
+        return _calibrate(args) if args.calibrate or args.calibrate_from else _plan(args)
     except PlannerError as e:
         print(f"ferry plan: error: {e}", file=sys.stderr)
         return 2
@@ -117,7 +124,7 @@ def _plan(args: argparse.Namespace) -> int:
     from ferry.planner.pricing import load_costs
     from ferry.planner.report import to_json, to_markdown, to_text
     from ferry.planner.throughput import default_efficiency
-    from ferry.planner.traffic import load_traffic, make_traffic
+    from ferry.planner.traffic import Traffic, load_traffic, make_traffic
 
     profile = None
     if args.profile:
@@ -129,12 +136,16 @@ def _plan(args: argparse.Namespace) -> int:
     output = args.output_tokens or (profile.output_tokens if profile else 256)
     if args.restricted_share is not None and not 0 <= args.restricted_share <= 1:
         raise PlannerError(f"--restricted-share must be in [0, 1], got {args.restricted_share}")
+    traffic: Traffic | None = None
     if args.traffic:
         traffic = load_traffic(args.traffic, restricted_share=args.restricted_share)
-    else:
+    elif args.rps is not None or args.peak_rps is not None:
         traffic = make_traffic(rps=args.rps, peak_rps=args.peak_rps, prompt_tokens=prompt, output_tokens=output,
                                restricted_share=args.restricted_share or 0.0)
-    need = traffic.prompt_tokens + traffic.output_tokens
+    if traffic is None and (args.plot or args.concurrency):
+        raise PlannerError(f"{'--plot' if args.plot else '--concurrency'} needs traffic: give --rps or --traffic")
+    # NOTE: without traffic the plan answers the memory question only: no throughput, replicas or cost.
+    need = traffic.prompt_tokens + traffic.output_tokens if traffic else 0
     context = args.context or min(model.max_position_embeddings, max(8192, need))
     if profile is not None:
         efficiency = profile.efficiency
@@ -168,30 +179,45 @@ def _plan(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import json
 
-    from ferry.planner.calibrate import SweepConfig, calibrate
+    from ferry.planner.calibrate import (
+        SweepConfig,
+        calibrate,
+        measurements_from_bench,
+        profile_from_measurements,
+        read_bench,
+    )
     from ferry.planner.memory import plan_memory
     from ferry.planner.throughput import Replica
 
     model_ref, model, gpu, dtype, kv = _resolve(args)
-    try:
-        levels = tuple(int(x) for x in args.calibrate_concurrency.split(",") if x.strip())
-    except ValueError as e:
-        raise PlannerError(f"--calibrate-concurrency must be integers like 1,4: {args.calibrate_concurrency!r}") from e
-    cfg = SweepConfig(url=args.calibrate, concurrencies=levels, requests_per_level=args.calibrate_requests,
-                      prompt_tokens=args.prompt_tokens or 64, output_tokens=args.output_tokens or 32,
-                      timeout_s=args.calibrate_timeout, api_key=args.api_key, model=args.served_model)
     context = args.context or min(model.max_position_embeddings, 8192)
     mem = plan_memory(model, gpu, dtype, kv, context, memory_utilization=args.gpu_memory_utilization,
                       kv_cache_memory=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                       block_size=args.block_size)
     replica = Replica.from_memory(model, gpu, dtype, kv, mem)
-    profile, rows = calibrate(cfg, replica, model_ref)
+    if args.calibrate_from:
+        label, ms = measurements_from_bench(read_bench(args.calibrate_from), args.bench_label)
+        source = f"{args.calibrate_from} ({label})"
+        profile, rows = profile_from_measurements(replica, model_ref, ms, source)
+    else:
+        try:
+            levels = tuple(int(x) for x in args.calibrate_concurrency.split(",") if x.strip())
+        except ValueError as e:
+            raise PlannerError(f"--calibrate-concurrency must be integers like 1,4: "
+                               f"{args.calibrate_concurrency!r}") from e
+        cfg = SweepConfig(url=args.calibrate, concurrencies=levels, requests_per_level=args.calibrate_requests,
+                          prompt_tokens=args.prompt_tokens or 64, output_tokens=args.output_tokens or 32,
+                          timeout_s=args.calibrate_timeout, api_key=args.api_key, model=args.served_model)
+        source = args.calibrate
+        profile, rows, doc = calibrate(cfg, replica, model_ref)
+        if args.bench_out:
+            _write(args.bench_out, json.dumps(doc, indent=2) + "\n")
     _write(args.profile_out, json.dumps(profile.to_dict(), indent=2) + "\n")
     if args.json:
         print(json.dumps({"profile": profile.to_dict(), "profile_path": args.profile_out, "levels": rows}, indent=2))
     else:
         e = profile.efficiency
-        print(f"calibrated {model.name} ({dtype.name}) on {gpu.name} against {args.calibrate}")
+        print(f"calibrated {model.name} ({dtype.name}) on {gpu.name} against {source}")
         print(f"  efficiency: memory {e.memory:.4g}, compute {e.compute:.4g}, prefill {e.prefill:.4g}, "
               f"step overhead {e.step_overhead_s * 1000:.2f} ms (rms log error {profile.fit_rms_log_error:.3f})")
         print("  concurrency  measured tok/s  predicted tok/s  ITL ms meas/pred  TTFT ms meas/pred")

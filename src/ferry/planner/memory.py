@@ -16,6 +16,7 @@ from typing import Any
 
 from ferry.planner.catalog import GIB, DtypeSpec, GpuSpec, ModelSpec
 from ferry.planner.errors import PlannerError
+from ferry.planner.text import plural
 from ferry.shapes import ModelShape, kv_cache_blocks
 
 
@@ -100,8 +101,11 @@ def _tp_degrees(model: ModelSpec, gpu: GpuSpec) -> list[int]:
 
 def plan_memory(model: ModelSpec, gpu: GpuSpec, dtype: DtypeSpec, kv_dtype: DtypeSpec, context: int, *,
                 memory_utilization: float = 0.9, kv_cache_memory: int | None = None, block_size: int = 16,
-                max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, max_nodes: int = 16) -> MemoryPlan:
+                max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, max_nodes: int = 16,
+                max_tp: int | None = None) -> MemoryPlan:
     """The smallest replica (fewest GPUs; tp before pp) whose KV pool holds one ``context``-token sequence.
+
+    ``max_tp`` and ``max_nodes`` bound the search (``max_tp=1, max_nodes=1``: one GPU, as ``ferry serve`` runs).
 
     ``kv_cache_memory`` fixes the KV pool per GPU (as ``ferry serve --kv-cache-memory`` does) instead of
     giving the KV cache everything left after weights, overhead and activations.
@@ -121,6 +125,8 @@ def plan_memory(model: ModelSpec, gpu: GpuSpec, dtype: DtypeSpec, kv_dtype: Dtyp
         if pp > model.num_hidden_layers:
             break
         for tp in _tp_degrees(model, gpu):
+            if max_tp is not None and tp > max_tp:
+                break
             act = activation_bytes(model, tp, compute_bytes, max_num_batched_tokens, max_num_seqs)
             free = usable - weights / (tp * pp) - overhead - act
             pool = free if kv_cache_memory is None else float(kv_cache_memory)
@@ -138,6 +144,8 @@ def plan_memory(model: ModelSpec, gpu: GpuSpec, dtype: DtypeSpec, kv_dtype: Dtyp
                 kv_tokens=tokens, block_size=block_size, context=context,
                 max_concurrent_seqs=tokens // need_tokens)
     what = f"a {kv_cache_memory}-byte KV pool" if kv_cache_memory is not None else f"one {context}-token sequence"
+    where = (f"one {gpu.name}" if max_tp == 1 and max_nodes == 1
+             else f"{plural(max_nodes, 'node')} of {gpu.gpus_per_node} x {gpu.name}")
     raise PlannerError(
         f"{model.name} in {dtype.name} ({weights / 1e9:.1f} GB of weights) with {what} does not fit on "
-        f"{max_nodes} nodes of {gpu.gpus_per_node} x {gpu.name}; try a smaller --dtype or --context")
+        f"{where}; try a smaller --dtype or --context")

@@ -14,7 +14,15 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ferry.planner.options import HYBRID_API, HYBRID_CLOUD, ONPREM, BreakEven, HybridPoint, OptionCost
+from ferry.planner.options import (
+    HYBRID_API,
+    HYBRID_CLOUD,
+    ONPREM,
+    BreakEven,
+    HybridPoint,
+    OptionCost,
+)
+from ferry.planner.text import plural
 from ferry.planner.traffic import Traffic
 
 
@@ -69,18 +77,19 @@ def recommend(options: list[OptionCost], traffic: Traffic, *, predictability_wei
     ratio = traffic.peak_rps / traffic.mean_rps
     onprem = by_name[ONPREM]
     util = traffic.mean_rps / traffic.peak_rps
-    variability = (f"Variability: peak/mean is {ratio:.1f}; {k_peak} on-prem replica(s) sized for the peak hour "
-                   f"would carry on average {util:.0%} of their peak load")
+    variability = (f"Variability: peak/mean is {ratio:.1f}; {plural(k_peak, 'on-prem replica')} sized for the "
+                   f"peak hour would carry on average {util:.0%} of {'its' if k_peak == 1 else 'their'} peak load")
     hybrids = [by_name[HYBRID_CLOUD], by_name[HYBRID_API]]
     hyb = min(hybrids, key=lambda o: o.monthly_usd)
     if hyb.onprem_replicas < k_peak and hyb.monthly_usd < onprem.monthly_usd:
-        variability += (f"; keeping {hyb.onprem_replicas} on-prem and overflowing the rest ({hyb.name}) saves "
-                        f"${onprem.monthly_usd - hyb.monthly_usd:,.0f}/month against all on-prem.")
+        variability += (f"; keeping {plural(hyb.onprem_replicas, 'replica')} on-prem and overflowing the rest "
+                        f"({hyb.name}) saves ${onprem.monthly_usd - hyb.monthly_usd:,.0f}/month against all on-prem.")
     else:
         variability += "; overflowing the peak elsewhere does not pay at these prices."
     reasons.append(variability)
-    reasons.append(f"Your chosen split (on-prem sized to the p{chosen_percentile:g} hour: {chosen.onprem_replicas} "
-                   f"replica(s), enough for {chosen.covers_percentile:.0f}% of hours; overflow to {chosen.target}) "
+    reasons.append(f"Your chosen split (on-prem sized to the p{chosen_percentile:g} hour: "
+                   f"{plural(chosen.onprem_replicas, 'replica')}, enough for {chosen.covers_percentile:.0f}% of hours; "
+                   f"overflow to {chosen.target}) "
                    f"would cost ${chosen.monthly_usd:,.0f}/month and keep {chosen.onprem_share:.0%} of requests "
                    "on-prem.")
     for be in break_evens:
@@ -97,18 +106,21 @@ def _pct_diff(value: float, base: float) -> str:
     return f"{(value - base) / base:+.0%}"
 
 
+_SERVER = {"ferry": "ferry serve", "vLLM": "vllm serve", "SGLang": "SGLang", "llama.cpp": "llama-server"}
+
+
 def gateway_fragment(model_name: str, *, input_per_mtok: float, output_per_mtok: float, max_concurrency: int,
-                     replicas: int) -> str:
+                     replicas: int, engine: str = "ferry") -> str:
     """YAML for ``ferry gateway``: the on-prem backend with its amortized $/Mtok, and the model routed to it."""
     backend = "onprem-" + re.sub(r"[^A-Za-z0-9_.\-]+", "-", model_name).strip("-")
     return "\n".join([
         f"# ferry gateway: on-prem {model_name} priced at its amortized cost so self-hosted spend is accounted",
         "backends:",
         f"  - name: {backend}",
-        f"    url: http://{backend.replace('.', '-')}:8000/v1  # your ferry serve replicas ({replicas}), "
-        "or a load balancer in front of them",
+        f"    url: http://{backend.replace('.', '-')}:8000/v1  # your {_SERVER.get(engine, engine)} replicas "
+        f"({replicas}), or a load balancer in front of them",
         "    location: onprem",
-        "    kind: ferry",
+        "    kind: ferry  # also for vLLM: the gateway reads its /metrics the same way",
         f"    max_concurrency: {max_concurrency}",
         f"    input_per_mtok: {input_per_mtok:.4f}",
         f"    output_per_mtok: {output_per_mtok:.4f}",
