@@ -50,7 +50,9 @@ def test_stream_that_breaks_before_its_first_token_fails_over(upstreams, gateway
 def test_all_attempts_failing_is_502_in_openai_shape(upstreams, gateway) -> None:
     a, srv_a = upstreams("a", fail_status=500)
     b, srv_b = upstreams("b", fail_status=502)
-    gw = gateway([backend("a", srv_a, "onprem"), backend("b", srv_b, "onprem")])
+    # NOTE: health checks every 0.1 s would open both circuits before a slow machine sends the request
+    # (a 503 "circuit open" instead of the attempts' 502): here only the request's attempts may fail.
+    gw = gateway([backend("a", srv_a, "onprem"), backend("b", srv_b, "onprem")], health={"interval": 60})
     with pytest.raises(openai.InternalServerError) as e:
         gw.openai(gw.create_key()).chat.completions.create(model="chat", messages=MSG)
     assert e.value.status_code == 502 and "HTTP 500" in e.value.message and "HTTP 502" in e.value.message

@@ -64,8 +64,12 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
     async def health() -> Response:
         backends = {b.name: {"location": b.location, "up": b.up, "inflight": b.inflight,
                              "saturated": gw.router.saturated(b)} for b in gw.backends.values()}
-        status = "ok" if any(b.up for b in gw.backends.values()) else "degraded"
-        return JSONResponse({"status": status, "backends": backends})
+        database = {"url": gw.database_name, "up": gw.database.cause is None, "error": gw.database.cause,
+                    "down_since": gw.database.down_since, "waiting_writes": gw.ledger.backlog}
+        # NOTE: degraded, still 200: a liveness probe must not restart a gateway for its database's
+        # outage (a restart cannot fix it, and would drop the settlements waiting in memory).
+        up = any(b.up for b in gw.backends.values()) and gw.database.cause is None
+        return JSONResponse({"status": "ok" if up else "degraded", "backends": backends, "database": database})
 
     @app.get("/metrics")
     async def metrics() -> Response:

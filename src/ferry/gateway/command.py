@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except ConfigError as e:
         print(f"error: {path}: {e}", file=sys.stderr)
-        return 1
+        # NOTE: a database URL no driver could take is the same failure as one that does not answer (2)
+        return 2 if e.key == "database" and args.action != "check" else 1
     missing = config.missing_env(os.environ)
     if args.action == "check":
         print(describe(config))
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "usage":
         # NOTE: imported here, as the app below is: `check` must answer without loading SQLAlchemy,
         # and neither `check` nor `usage` should pay for FastAPI and uvicorn (about 10x the start-up).
-        from ferry.gateway.db import make_engine
+        from ferry.gateway.db import DatabaseError, make_engine
         from ferry.gateway.ledger import GROUP_BY, Ledger, format_usage, parse_since
 
         if args.group_by not in GROUP_BY:
@@ -69,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        engine = make_engine(config.database)
+        try:
+            engine = make_engine(config.database)
+        except DatabaseError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         try:
             print(format_usage(args.group_by, Ledger(engine, "cli").usage(args.group_by, since)))
         finally:
@@ -82,10 +87,17 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ferry.gateway.app import create_app
+    from ferry.gateway.db import DatabaseError
 
     if args.instance is not None and not 1 <= len(args.instance) <= 64:
         print("error: --instance must be 1 to 64 characters", file=sys.stderr)
         return 2
-    app = create_app(config, instance=args.instance)
+    try:
+        app = create_app(config, instance=args.instance)
+    except DatabaseError as e:
+        # NOTE: one line, no traceback: what an operator (or a crash-looping pod's log) needs is which
+        # database and why.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -6,9 +6,14 @@ limits, budgets and the ledger. Both sit behind the same tables; nothing here ho
 
 from __future__ import annotations
 
+import re
+import time
+
 from sqlalchemy import (Boolean, Column, Engine, Float, Index, Integer, MetaData, String, Table, Text,
-                        create_engine, event, inspect, text)
-from sqlalchemy.exc import OperationalError, ProgrammingError
+                        create_engine, event, inspect, make_url, text)
+from sqlalchemy.exc import (ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError,
+                            ProgrammingError, SQLAlchemyError)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import StaticPool
 
 metadata = MetaData()
@@ -78,6 +83,85 @@ instances_table = Table(
 )
 
 
+# NOTE: seconds a PostgreSQL connect may take before it fails; without it, a host that drops packets
+# holds a request (or the start-up) for the operating system's TCP timeout, minutes.
+CONNECT_TIMEOUT_S = 5
+
+
+class DatabaseError(Exception):
+    """The database cannot be used: one line naming the database (no password) and the cause."""
+
+
+class Availability:
+    """Whether the database answered lately, and if not, why: what ``/health`` reports.
+
+    Any failed call marks it down at once; only the keeper's round (every ``ledger.progress_interval``)
+    marks it up again, since a call that succeeds says nothing of the writes still waiting.
+    NOTE: written from worker threads and read on the event loop; one tuple, replaced whole.
+    """
+
+    def __init__(self) -> None:
+        self._state: tuple[str | None, float | None] = (None, None)  # (cause, down since)
+
+    def down(self, cause: str) -> None:
+        since = self._state[1]
+        self._state = (cause, since if since is not None else time.time())
+
+    def up(self) -> None:
+        self._state = (None, None)
+
+    @property
+    def cause(self) -> str | None:
+        return self._state[0]
+
+    @property
+    def down_since(self) -> float | None:
+        return self._state[1]
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, fit for a log line or an error message."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def unavailable_cause(exc: BaseException) -> str | None:
+    """Why the database cannot be reached, in a few words, or None when ``exc`` is not about that
+    (a bug of ours, a constraint: those stay errors, not outages).
+
+    NOTE: OperationalError covers a refused or dropped connection, a server shutting down, a failed
+    login and SQLite's "unable to open database file"; InterfaceError a connection already closed;
+    a pool timeout every connection busy or hanging.
+    """
+    if isinstance(exc, PoolTimeoutError):
+        return "no connection free in the pool"
+    if isinstance(exc, (OperationalError, InterfaceError)) or (
+            isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return _cause(exc)
+    return None
+
+
+_NOISE = (re.compile(r"^connection failed:\s*"), re.compile(r'^connection to server at "[^"]*"(, port \d+)? failed:\s*'),
+          re.compile(r"^(FATAL|ERROR):\s*"))
+
+
+def _cause(exc: BaseException) -> str:
+    """The driver's message, first line, without libpq's prefixes: "connection refused",
+    'database "x" does not exist', "server closed the connection unexpectedly", ..."""
+    orig = getattr(exc, "orig", None)
+    message = str(orig if orig is not None else exc).strip()
+    line = message.splitlines()[0].strip() if message else ""
+    for pattern in _NOISE:
+        line = pattern.sub("", line)
+    if not line:
+        return type(orig if orig is not None else exc).__name__
+    if len(line) > 1 and line[0].isupper() and line[1].islower():
+        line = line[0].lower() + line[1:]  # "Connection refused" reads as one clause after a colon
+    return line[:300]
+
+
 def normalize_url(url: str) -> str:
     """``postgresql://`` means psycopg 3 here (the driver the project installs)."""
     if url.startswith("postgresql://"):
@@ -86,8 +170,32 @@ def normalize_url(url: str) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with the tables created; SQLite writers serialize with BEGIN IMMEDIATE."""
-    url = normalize_url(url)
+    """An engine with the tables created; SQLite writers serialize with BEGIN IMMEDIATE.
+
+    Raises ``DatabaseError`` (one line) when the URL names no usable driver or the database cannot
+    be reached or set up: ``ferry gateway`` prints it and exits 2.
+    """
+    where = redact(url)
+    try:
+        engine = _create_engine(normalize_url(url))
+    except ImportError as e:  # NOTE: also psycopg without its libpq ("no pq wrapper available")
+        hint = " (pip install 'ferry[postgres]')" if url.startswith("postgresql") else ""
+        raise DatabaseError(f"database {where}: its driver is not installed: {e}{hint}") from e
+    except NoSuchModuleError as e:
+        raise DatabaseError(f"database {where}: unknown scheme or driver {make_url(url).drivername!r}") from e
+    except ArgumentError as e:  # a malformed URL
+        raise DatabaseError(f"database {where}: {str(e).splitlines()[0]}") from e
+    try:
+        metadata.create_all(engine)
+        _add_missing_columns(engine)
+    except SQLAlchemyError as e:
+        engine.dispose()
+        cause = unavailable_cause(e) or f"{type(e).__name__}: {_cause(e)}"
+        raise DatabaseError(f"database {where}: {cause}") from e
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         memory = url in ("sqlite://", "sqlite:///:memory:")
         engine = create_engine(
@@ -107,9 +215,14 @@ def make_engine(url: str) -> Engine:
         def _begin(conn):  # type: ignore[no-untyped-def]
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-    metadata.create_all(engine)
-    _add_missing_columns(engine)
+        # NOTE: pool_pre_ping tests each connection as it leaves the pool, so after the database comes
+        # back the first request gets a fresh connection instead of the dead one; a failed ping drops
+        # the whole pool's connections from before it.
+        connect_args = {}
+        if url.startswith("postgresql") and "connect_timeout" not in make_url(url).query:
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
+                               connect_args=connect_args)
     return engine
 
 

@@ -14,6 +14,7 @@ import logging
 
 import anyio.to_thread
 
+from ferry.gateway.db import unavailable_cause
 from ferry.gateway.ledger import Ledger, Progress
 from ferry.gateway.recovery import Instances
 
@@ -59,6 +60,7 @@ class LedgerKeeper:
         self._inflight = inflight
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._failing = False  # the last round failed: log the outage once, and its end
 
     async def start(self) -> None:
         """Register (settling what an earlier run of this instance left), sweep once, then tick."""
@@ -75,6 +77,12 @@ class LedgerKeeper:
                 pass
             self._task = None
         await self.flush()
+        try:
+            await anyio.to_thread.run_sync(self._ledger.write_backlog)
+        except Exception:
+            # NOTE: the database is still away: the only record left of these settlements is the log.
+            self._ledger.log_backlog()
+            raise
         await anyio.to_thread.run_sync(self._instances.retire)
 
     async def flush(self) -> None:
@@ -88,16 +96,33 @@ class LedgerKeeper:
             raise
 
     async def tick(self) -> None:
+        """One round; a database back after an outage gets the settlements that waited for it first."""
+        written = await anyio.to_thread.run_sync(self._ledger.write_backlog)
+        if written:
+            log.warning("wrote %d ledger settlements and rows that waited for the database", written)
         await self.flush()
         await anyio.to_thread.run_sync(self._instances.heartbeat)
         await anyio.to_thread.run_sync(self._instances.sweep)
+        await anyio.to_thread.run_sync(self._instances.settle_orphans, self._ledger.open_rows.snapshot())
+        self._ledger.availability.up()
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             try:
                 await self.tick()
-            except Exception:
+            except Exception as e:
                 # NOTE: a database that is briefly away must cost one round, not the loop; the rows
-                # that were not written are retried on the next.
-                log.exception("ledger keeper round failed")
+                # that were not written are retried on the next. One line per outage, not per round.
+                cause = unavailable_cause(e)
+                if cause is None:
+                    log.exception("ledger keeper round failed")
+                    continue
+                self._ledger.availability.down(cause)
+                if not self._failing:
+                    log.warning("ledger database unavailable: %s; retrying every %gs", cause, self._interval)
+                self._failing = True
+                continue
+            if self._failing:
+                log.warning("ledger database is back")
+                self._failing = False

@@ -1,7 +1,16 @@
-"""The usage ledger: one row per request with every decision and its cost, on-prem priced too."""
+"""The usage ledger: one row per request with every decision and its cost, on-prem priced too.
+
+A settlement (``close``) or a refused request's row (``record``) that the database cannot take
+because it is unreachable is not lost: it waits in the ledger's backlog, in memory, and the keeper
+writes it when the database answers again (``write_backlog``). Until then the admitted request's
+row stays pending and keeps holding its reservation, which errs on the side of the limits.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -10,7 +19,9 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, case, func, insert, select, update
 
-from ferry.gateway.db import ledger_table
+from ferry.gateway.db import Availability, ledger_table, unavailable_cause
+
+log = logging.getLogger("ferry.gateway")
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever written to the ledger
 GROUP_BY = ("key", "team", "backend", "location", "model", "data_class", "status")
@@ -107,26 +118,134 @@ class Progress:
     cost_usd: float
 
 
+class OpenRows:
+    """The ids of this instance's admitted rows not settled in the database yet.
+
+    ``Limits.admit`` adds, ``Ledger`` removes once a settlement is written. A pending row of this
+    instance that is not here (and is older than the lease) is an orphan: its admission committed but
+    the client got a 503 because the commit's answer was lost with the connection; the keeper settles
+    it so its reservation does not hold the key's limits until a restart (``Instances.settle_orphans``).
+
+    NOTE: touched from worker threads (every database call runs on one), hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+
+    def add(self, row_id: int) -> None:
+        with self._lock:
+            self._ids.add(row_id)
+
+    def discard(self, row_id: int) -> None:
+        with self._lock:
+            self._ids.discard(row_id)
+
+    def snapshot(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._ids)
+
+
+# NOTE: refused requests' rows waiting for the database beyond this many are logged and dropped
+# (a flood of 401s during an outage must not grow memory without bound); settlements never are.
+MAX_WAITING_RECORDS = 10_000
+
+
 class Ledger:
-    def __init__(self, engine: Engine, instance: str) -> None:
+    def __init__(self, engine: Engine, instance: str, open_rows: OpenRows | None = None,
+                 availability: Availability | None = None) -> None:
         self._engine = engine
         self._instance = instance
+        self.open_rows = open_rows or OpenRows()
+        self.availability = availability or Availability()
+        self._lock = threading.Lock()
+        self._closes: dict[int, Outcome] = {}  # settlements waiting for the database, by row id
+        self._records: list[dict[str, Any]] = []  # refused requests' rows waiting for it
 
-    def record(self, row: LedgerRow) -> int:
-        """Insert a finished row (a request refused before it was admitted)."""
+    def record(self, row: LedgerRow) -> int | None:
+        """Insert a finished row (a request refused before it was admitted); its id, or None when
+        the database is unreachable and the row waits in the backlog."""
         values = {"ts": time.time(), "instance": self._instance, **row.columns()}
-        with self._engine.begin() as conn:
-            return int(conn.execute(insert(ledger_table).values(**values)).inserted_primary_key[0])
+        try:
+            with self._engine.begin() as conn:
+                return int(conn.execute(insert(ledger_table).values(**values)).inserted_primary_key[0])
+        except Exception as e:
+            cause = unavailable_cause(e)
+            if cause is None:
+                raise
+            self.availability.down(cause)
+            with self._lock:
+                if len(self._records) < MAX_WAITING_RECORDS:
+                    self._records.append(values)
+                    return None
+            log.error("ledger row dropped, database unavailable (%s) and %d rows waiting: %s", cause,
+                      MAX_WAITING_RECORDS, json.dumps(values, default=str))
+            return None
 
     def close(self, row_id: int, outcome: Outcome) -> None:
-        """Settle a row: the outcome's usage replaces whatever was held or billed so far.
+        """Settle a row: the outcome's usage replaces whatever was held or billed so far. With the
+        database unreachable the settlement waits in the backlog (the module doc) instead of failing
+        a request whose answer is ready.
 
         NOTE: no ``status = 0`` guard: a row the crash sweep settled while its instance only seemed
-        dead (a long pause) gets its real outcome, which is better than the sweep's guess.
+        dead (a long pause, a long database outage) gets its real outcome, better than the sweep's guess.
         """
+        try:
+            with self._engine.begin() as conn:
+                self._write_close(conn, row_id, outcome)
+        except Exception as e:
+            cause = unavailable_cause(e)
+            if cause is None:
+                raise
+            self.availability.down(cause)
+            with self._lock:
+                self._closes[row_id] = outcome
+            log.warning("ledger row %d not settled, database unavailable (%s): kept to write when it is back",
+                        row_id, cause)
+            return
+        self.open_rows.discard(row_id)
+
+    @staticmethod
+    def _write_close(conn: Any, row_id: int, outcome: Outcome) -> None:
         values = {**vars(outcome), "reserved_tokens": 0, "reserved_cost_usd": 0.0}
+        conn.execute(update(ledger_table).where(ledger_table.c.id == row_id).values(**values))
+
+    @property
+    def backlog(self) -> int:
+        """Settlements and rows waiting for the database."""
+        with self._lock:
+            return len(self._closes) + len(self._records)
+
+    def write_backlog(self) -> int:
+        """Write what waits for the database in one transaction; how many. Raises (and keeps it all)
+        when the database still does not answer."""
+        with self._lock:
+            closes, records = dict(self._closes), list(self._records)
+        if not closes and not records:
+            return 0
         with self._engine.begin() as conn:
-            conn.execute(update(ledger_table).where(ledger_table.c.id == row_id).values(**values))
+            for row_id, outcome in closes.items():
+                self._write_close(conn, row_id, outcome)
+            if records:
+                conn.execute(insert(ledger_table), records)
+        with self._lock:
+            for row_id, outcome in closes.items():
+                if self._closes.get(row_id) is outcome:
+                    del self._closes[row_id]
+            del self._records[:len(records)]
+        for row_id in closes:
+            self.open_rows.discard(row_id)
+        return len(closes) + len(records)
+
+    def log_backlog(self) -> None:
+        """At shutdown with the database still away: what could not be written, one line per row,
+        so that it can be entered by hand (the rows themselves are settled by the next start)."""
+        with self._lock:
+            closes, records = dict(self._closes), list(self._records)
+        for row_id, outcome in closes.items():
+            log.error("unsettled ledger row %d: %s", row_id, json.dumps(vars(outcome), default=str))
+        for values in records:
+            log.error("unwritten ledger row: %s", json.dumps(values, default=str))
 
     def write_progress(self, progress: Mapping[int, Progress]) -> None:
         """Bill in-flight rows what they have delivered so far, in one transaction.

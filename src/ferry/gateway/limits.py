@@ -25,7 +25,7 @@ from sqlalchemy import Engine, func, insert, select
 from ferry.gateway.config import GatewayConfig, ModelRoute
 from ferry.gateway.db import keys_table, ledger_table
 from ferry.gateway.keys import KeyRecord
-from ferry.gateway.ledger import LedgerRow, cost_usd, held_cost, held_tokens
+from ferry.gateway.ledger import LedgerRow, OpenRows, cost_usd, held_cost, held_tokens
 
 WINDOW_S = 60.0
 # NOTE: CHARS_PER_TOKEN, DEFAULT_CHAT_COMPLETION_TOKENS and ``estimate`` are a typical-size guess, not a
@@ -99,10 +99,12 @@ class Admission:
 
 
 class Limits:
-    def __init__(self, engine: Engine, instance: str, team_budgets: dict[str, float | None]) -> None:
+    def __init__(self, engine: Engine, instance: str, team_budgets: dict[str, float | None],
+                 open_rows: OpenRows | None = None) -> None:
         self._engine = engine
         self._instance = instance
         self._team_budgets = team_budgets
+        self._open_rows = open_rows or OpenRows()
         self._postgres = engine.dialect.name == "postgresql"
 
     def counts_usage(self, key: KeyRecord | None) -> bool:
@@ -117,6 +119,13 @@ class Limits:
         """Check the key's limits and, in the same transaction, insert the request's ledger row
         (``row`` with its status and reason set here), holding ``reserve`` until ``Ledger.close``
         settles it."""
+        decision = self._admit(key, row, reserve, now)
+        if isinstance(decision, Admission):
+            self._open_rows.add(decision.row_id)
+        return decision
+
+    def _admit(self, key: KeyRecord | None, row: LedgerRow, reserve: Estimate, now: float | None
+               ) -> Admission | Refusal:
         now = time.time() if now is None else now
         base = {"ts": now, "instance": self._instance}
         t = ledger_table.c

@@ -30,6 +30,7 @@ from ferry.gateway.db import instances_table, ledger_table
 
 log = logging.getLogger("ferry.gateway")
 SETTLED_STATUS = 500  # NOTE: what the client got is unknown (its connection died with the gateway)
+ORPHAN_STATUS = 503  # what the client of an orphaned row got: "database unavailable"
 
 
 def host_identity() -> str:
@@ -120,6 +121,26 @@ class Instances:
                                                            instances_table.c.heartbeat_at == inst.heartbeat_at))
         if settled:
             log.warning("settled %d ledger rows left in flight by dead gateway instances", settled)
+        return settled
+
+    def settle_orphans(self, open_ids: frozenset[int], now: float | None = None) -> int:
+        """Settle this instance's pending rows older than the lease that no request holds any more
+        (``ledger.OpenRows``: an admission that committed while its client got a 503); how many."""
+        now = time.time() if now is None else now
+        t = ledger_table.c
+        with self._engine.begin() as conn:
+            pending = [r[0] for r in conn.execute(select(t.id).where(
+                t.status == 0, t.instance == self._instance, t.ts < now - self._lease))]
+            orphans = [i for i in pending if i not in open_ids]
+            if not orphans:
+                return 0
+            # NOTE: ``status = 0`` again: a settlement that committed since the select keeps its outcome.
+            settled = int(conn.execute(update(ledger_table).where(t.id.in_(orphans), t.status == 0).values(
+                status=ORPHAN_STATUS, reason="settled as an orphan: admitted as the database connection was "
+                                             "lost, so the client was answered 503",
+                reserved_tokens=0, reserved_cost_usd=0.0)).rowcount)
+        if settled:
+            log.warning("settled %d orphaned ledger rows of this instance", settled)
         return settled
 
     def retire(self) -> int:

@@ -15,16 +15,17 @@ import httpx
 from ferry.gateway.backends import Backend, make_backend
 from ferry.gateway.config import GatewayConfig
 from ferry.gateway.data_class import DataClassPolicy
-from ferry.gateway.db import make_engine
+from ferry.gateway.db import Availability, make_engine, redact, unavailable_cause
 from ferry.gateway.health import HealthMonitor
 from ferry.gateway.keeper import InFlight, LedgerKeeper
 from ferry.gateway.keys import KeyStore
-from ferry.gateway.ledger import Ledger
+from ferry.gateway.ledger import Ledger, OpenRows
 from ferry.gateway.limits import Limits
 from ferry.gateway.metrics import GatewayMetrics
 from ferry.gateway.recovery import Instances
 from ferry.gateway.reservation import Reserver
 from ferry.gateway.routing import Router, make_policy
+from ferry.openai_errors import OpenAIError
 
 T = TypeVar("T")
 log = logging.getLogger("ferry.gateway")
@@ -39,10 +40,13 @@ class Gateway:
         self.config = config
         self.instance = instance or secrets.token_hex(4)
         self.master_key: str = env[config.master_key_env]
-        self.engine = make_engine(config.database)
+        self.engine = make_engine(config.database)  # NOTE: raises db.DatabaseError, one line, when unusable
+        self.database = Availability()
+        self.database_name = redact(config.database)
+        open_rows = OpenRows()  # admitted rows not settled yet, shared by admission and the ledger
         self.keys = KeyStore(self.engine)
-        self.ledger = Ledger(self.engine, self.instance)
-        self.limits = Limits(self.engine, self.instance, {t.name: t.budget_usd for t in config.teams})
+        self.ledger = Ledger(self.engine, self.instance, open_rows, self.database)
+        self.limits = Limits(self.engine, self.instance, {t.name: t.budget_usd for t in config.teams}, open_rows)
         self.data_classes = DataClassPolicy(config)
         self.backends: dict[str, Backend] = {b.name: make_backend(b, config.health, env, transport)
                                              for b in config.backends}
@@ -81,5 +85,16 @@ class Gateway:
         self.engine.dispose()
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking database call off the event loop."""
-        return await anyio.to_thread.run_sync(fn, *args)
+        """Run a blocking database call off the event loop; an unreachable database is a 503 in
+        OpenAI's shape that names the cause ("ledger database unavailable: connection refused")."""
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        except Exception as e:
+            cause = unavailable_cause(e)
+            if cause is None:
+                raise
+            self.database.down(cause)
+            # NOTE: nothing was held yet where this is raised (authentication, admission, the admin
+            # API): settlements never raise it, they wait in the ledger's backlog instead.
+            raise OpenAIError(503, f"ledger database unavailable: {cause}", code="database_unavailable",
+                              headers={"Retry-After": "1"}) from e

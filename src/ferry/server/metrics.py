@@ -162,6 +162,9 @@ class RequestRecorder:
                 per_token = (now - self.last_token) / new_tokens
                 for _ in range(new_tokens):
                     m.itl.labels(m.model_name).observe(per_token)
+                    # NOTE: vLLM's time_per_output_token_seconds is this same per-token interval
+                    # (its old name for inter_token_latency_seconds, which dashboards still read).
+                    m.tpot.labels(m.model_name).observe(per_token)
             self.last_token = now
             m.generation_tokens.labels(m.model_name).inc(new_tokens)
         if out.finished and not self.done:
@@ -174,6 +177,13 @@ class RequestRecorder:
             m.e2e.labels(m.model_name).observe(now - self.start)
             m.request_prompt_tokens.labels(m.model_name).observe(len(out.prompt_token_ids))
             m.request_generation_tokens.labels(m.model_name).observe(self.generated_tokens)
+            # NOTE: as vLLM, the longest choice's length: what the request's n choices needed at most.
+            m.request_max_generation_tokens.labels(m.model_name).observe(
+                max((s.tokens for s in self.seqs.values()), default=0))
+            phases = _phase_times(out)
+            if phases is not None:
+                m.prefill_time.labels(m.model_name).observe(phases[0])
+                m.decode_time.labels(m.model_name).observe(phases[1])
 
 
 def _queue_time(out: RequestOutput) -> float | None:
@@ -181,6 +191,17 @@ def _queue_time(out: RequestOutput) -> float | None:
     if mt is None or mt.first_scheduled_time is None:
         return None
     return max(0.0, mt.first_scheduled_time - mt.arrival_time)
+
+
+def _phase_times(out: RequestOutput) -> tuple[float, float] | None:
+    """(prefill, decode) of a finished request: first scheduled -> first token -> last token, on the
+    engine's clock, as vLLM measures them; None when it never produced a token."""
+    mt = out.metrics
+    if mt is None or mt.first_token_time is None:
+        return None
+    scheduled = mt.first_scheduled_time if mt.first_scheduled_time is not None else mt.arrival_time
+    last = mt.last_token_time if mt.last_token_time is not None else mt.first_token_time
+    return max(0.0, mt.first_token_time - scheduled), max(0.0, last - mt.first_token_time)
 
 
 class ServerMetrics:
@@ -210,18 +231,32 @@ class ServerMetrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("ferry:inter_token_latency_seconds", "Time between output tokens.",
                              labels, buckets=_ITL_BUCKETS, registry=r)
+        self.tpot = Histogram("ferry:time_per_output_token_seconds",
+                              "Time per output token: the same per-token intervals as "
+                              "inter_token_latency_seconds, under vLLM's older name.", labels,
+                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("ferry:e2e_request_latency_seconds",
                              "Time from request arrival to its last token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("ferry:request_queue_time_seconds",
                                     "Time a request waited before its first schedule.", labels,
                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram("ferry:request_prefill_time_seconds",
+                                      "Time from a request's first schedule to its first token.",
+                                      labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("ferry:request_decode_time_seconds",
+                                     "Time from a request's first token to its last.", labels,
+                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.request_prompt_tokens = Histogram("ferry:request_prompt_tokens",
                                                "Prompt tokens per request.", labels,
                                                buckets=tokens, registry=r)
         self.request_generation_tokens = Histogram("ferry:request_generation_tokens",
                                                    "Generated tokens per request.", labels,
                                                    buckets=tokens, registry=r)
+        self.request_max_generation_tokens = Histogram(
+            "ferry:request_max_num_generation_tokens",
+            "Generated tokens of a request's longest choice (of its n).", labels, buckets=tokens,
+            registry=r)
         r.register(_EngineStatsCollector(get_stats, model_name))
 
     def recorder(self) -> RequestRecorder:
