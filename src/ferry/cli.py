@@ -19,6 +19,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("ferry.gateway.command", "one OpenAI endpoint over on-prem replicas and cloud APIs"),
     "plan": ("ferry.planner.command", "VRAM, throughput and cost for on-prem, cloud, API and hybrid"),
     "bench": ("ferry.bench.command", "load-test OpenAI-compatible endpoints"),
+    "cluster": ("ferry.cluster.command", "deploy, inspect and stop ferry replicas on Ray Serve"),
     "models": ("ferry.engine.commands", "list the built-in models and the Hub models in the cache"),
     "pull": ("ferry.engine.commands", "download a Hugging Face Hub model (org/name or org/name:QUANT)"),
     "rm": ("ferry.engine.commands", "remove a cached Hub model, or one quant of it (org/name:QUANT)"),
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(_COMMANDS[args.command][0])
+    module_name = _COMMANDS[args.command][0]
+    if args.command == "serve" and getattr(args, "replicas", None) is not None:
+        module_name = "ferry.cluster.command"  # NOTE: `ferry serve --replicas N` runs on Ray Serve
+    module = importlib.import_module(module_name)
     return int(module.run(args) or 0)
 
 

@@ -255,6 +255,22 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     h.add_argument("--ssl-ca-certs", default=None, help="CA file for client certificates")
     h.add_argument("--ssl-cert-reqs", type=int, default=defaults_s.ssl_cert_reqs,
                    help="0: no client certificate, 1: optional, 2: required (default: 0)")
+    r = parser.add_argument_group(
+        "scale-out on Ray Serve (pip install 'ferry[cluster]'; see docs/scale-out.md)")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve N engine replicas on Ray Serve behind one endpoint (default: one "
+                        "engine in this process, no Ray)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --replicas: the Ray cluster to join, e.g. auto or HOST:6379 "
+                        "(default: start a local Ray)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, metavar="N",
+                   help="with --replicas: CPUs per replica, also its engine's threads "
+                        "(default: %(default)s)")
+    r.add_argument("--replica-gpus", type=float, default=0.0, metavar="N",
+                   help="with --replicas: GPUs per replica (default: %(default)s)")
+    r.add_argument("--no-prefix-routing", dest="prefix_routing", action="store_false",
+                   default=True, help="with --replicas: Ray's default router instead of ferry's "
+                                      "prefix-aware one")
     v = parser.add_argument_group(
         "vLLM flags accepted with no effect",
         "--enforce-eager, --swap-space, --disable-log-stats and other tuning of what ferry does "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,10 @@ class ServerState:
         self.engine = engine
         self.served_model_names = self.config.served_model_names or (engine.model_name,)
         self.served_model_name = self.served_model_names[0]
-        # NOTE: an engine given by an embedder or a test (not an AsyncEngine) has no generation
-        # config: its requests get OpenAI's defaults.
-        if isinstance(engine, AsyncEngine):
+        # NOTE: an engine given by an embedder or a test without a generation config (a mapping)
+        # gets OpenAI's defaults; a remote engine (ferry.cluster) carries its replicas'.
+        defaults = getattr(engine, "generation_defaults", None)
+        if isinstance(engine, AsyncEngine) or isinstance(defaults, Mapping):
             self.generation_defaults = dict(engine.generation_defaults)
         self.metrics = ServerMetrics(self.served_model_name, engine.max_model_len, engine.stats)
 
