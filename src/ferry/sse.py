@@ -91,6 +91,12 @@ class SSEResponse(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self._close()
 
+    def transformed(self, transform: Callable[[AsyncIterator[str] | AsyncIterator[bytes]], AsyncIterator[str]],
+                    headers: Mapping[str, str] | None = None) -> SSEResponse:
+        """A response whose events are ``transform`` of this one's (another API's event shapes);
+        ending it, however it ends, closes this one's content and runs its ``on_close``."""
+        return SSEResponse(transform(self._content), on_close=self._close, headers=headers)
+
     async def _close(self) -> None:
         try:
             aclose = getattr(self._content, "aclose", None)

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ferry.gateway.admin import admin_router
 from ferry.gateway.bodies import BODIES
 from ferry.gateway.config import GatewayConfig
+from ferry.gateway.messages_ingress import MessagesIngress
 from ferry.gateway.proxy import InferenceHandler
 from ferry.gateway.stages import Rejection, authenticate
 from ferry.gateway.state import Gateway
@@ -49,6 +50,13 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
     @app.post("/v1/completions", openapi_extra=request_body(BODIES["completions"]))
     async def completions(request: Request) -> Response:
         return await handler(request, "completions")
+
+    messages_ingress = MessagesIngress(handler)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        """Anthropic's Messages API over the same routing (ferry.gateway.messages_ingress)."""
+        return await messages_ingress(request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
