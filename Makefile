@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # lint-imports: the one-way import layers in pyproject.toml ([tool.importlinter]) hold
 test: install
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 serve: install
 	$(BIN)/ferry serve --model smollm2-135m-instruct --host 127.0.0.1 --port 8000

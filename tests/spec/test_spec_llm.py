@@ -207,14 +207,14 @@ def test_logprobs_match_plain_decoding(base: LLM, ngram: LLM, prompts: list[dict
 
 
 def test_seeded_sampling_is_reproducible(ngram: LLM, self_draft: LLM, prompts: list[dict]) -> None:
-    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64, seed=1234)
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=24, seed=1234)
     for llm in (ngram, self_draft):
         first = tokens(llm, prompts, params)
         assert tokens(llm, prompts, params) == first
         assert [tokens(llm, [p], params)[0] for p in prompts] == first  # whatever the batch
         assert any(a != b for a, b in zip(first, tokens(llm, prompts, SamplingParams(
-            temperature=0.8, top_p=0.95, max_tokens=64, seed=99))))
-        n2 = llm.generate(prompts[:1], SamplingParams(temperature=0.8, max_tokens=32, n=2,
+            temperature=0.8, top_p=0.95, max_tokens=24, seed=99))))
+        n2 = llm.generate(prompts[:1], SamplingParams(temperature=0.8, max_tokens=16, n=2,
                                                       seed=7))[0]
         assert len(n2.outputs) == 2 and all(o.token_ids for o in n2.outputs)
         assert_no_leak(llm)
