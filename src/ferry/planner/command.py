@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     o.add_argument("--json", action="store_true", help="print the plan as JSON")
     o.add_argument("--report", help="write a Markdown report to this file")
     o.add_argument("--plot", help="write PNGs: PATH-cost.png and PATH-load.png (PATH.png accepted)")
+    o.add_argument("--emit", metavar="DIR", help="write the files that deploy the plan: cluster.yaml (ferry cluster "
+                                                 "deploy), values.yaml (Helm), gateway.yaml, README.md")
+    o.add_argument("--force", action="store_true", help="--emit into a folder that is not empty")
+    o.add_argument("--replica-cpus", type=float,
+                   help="--emit: CPUs per replica (default: 32 on --gpu cpu, the catalogue's socket; 4 per GPU)")
     k = parser.add_argument_group("calibration")
     k.add_argument("--calibrate", metavar="URL", help="measure a running OpenAI-compatible server and write a profile")
     k.add_argument("--calibrate-from", metavar="FILE",
@@ -88,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.calibrate and args.calibrate_from:
             raise PlannerError("give --calibrate URL or --calibrate-from FILE, not both")
+        if args.emit and (args.calibrate or args.calibrate_from):
+            raise PlannerError("--emit writes a plan's deployment: run it without --calibrate/--calibrate-from")
+        if args.replica_cpus is not None and not args.replica_cpus > 0:
+            raise PlannerError(f"--replica-cpus must be positive, got {args.replica_cpus}")
         return _calibrate(args) if args.calibrate or args.calibrate_from else _plan(args)
     except PlannerError as e:
         print(f"ferry plan: error: {e}", file=sys.stderr)
@@ -131,7 +140,7 @@ def _plan(args: argparse.Namespace) -> int:
         from ferry.planner.calibrate import load_profile
 
         profile = load_profile(args.profile)
-    _, model, gpu, dtype, kv = _resolve(args, profile)
+    model_ref, model, gpu, dtype, kv = _resolve(args, profile)
     prompt = args.prompt_tokens or (profile.prompt_tokens if profile else 512)
     output = args.output_tokens or (profile.output_tokens if profile else 256)
     if args.restricted_share is not None and not 0 <= args.restricted_share <= 1:
@@ -164,6 +173,15 @@ def _plan(args: argparse.Namespace) -> int:
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, concurrency=args.concurrency)
     plan = make_plan(inputs)
+    emitted: list[Path] = []
+    if args.emit:
+        from ferry.planner.emit import EmitSettings, serve_model_ref, write
+
+        # NOTE: written before the report is printed: a folder that refuses the files fails the command
+        # without a plan on stdout that looks like success
+        settings = EmitSettings(serve_model=serve_model_ref(model_ref, model), replica_cpus=args.replica_cpus,
+                                force=args.force)
+        emitted = write(plan, args.emit, settings)
     print(to_json(plan) if args.json else to_text(plan), end="" if not args.json else "\n")
     if args.report:
         _write(args.report, to_markdown(plan))
@@ -172,6 +190,9 @@ def _plan(args: argparse.Namespace) -> int:
         from ferry.planner.plot import write_plots
 
         for path in write_plots(plan, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.emit:
+        for path in emitted:
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
