@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from starlette.requests import Request
+from starlette.types import Message, Receive
 
 T = TypeVar("T")
 
@@ -40,3 +41,18 @@ async def race_disconnect(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     raise ClientDisconnected()
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands out ``body`` once (read already, or rewritten), then defers to the real
+    one, so a client's disconnect still reaches whoever waits for it."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

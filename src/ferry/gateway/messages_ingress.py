@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
-from starlette.types import Message
 
 from ferry.gateway.anthropic import TranslationError
 from ferry.gateway.anthropic.chat_request import chat_request
@@ -23,6 +22,7 @@ from ferry.gateway.anthropic.errors import anthropic_error, anthropic_error_from
 from ferry.gateway.anthropic.message_response import EventTranslator, anthropic_message, sse
 from ferry.gateway.ledger import CLIENT_CLOSED
 from ferry.gateway.proxy import InferenceHandler
+from ferry.disconnect import replay_body
 from ferry.openai_errors import OpenAIError, parse_json_object
 from ferry.sse import DONE, SSEResponse
 
@@ -72,18 +72,8 @@ class MessagesIngress:
             return JSONResponse(anthropic_error(e.status_code, e.message), status_code=e.status_code)
         except TranslationError as e:
             return JSONResponse(anthropic_error(400, str(e)), status_code=400)
-        payload = json.dumps(chat).encode()
-        sent = False
-
-        async def receive() -> Message:
-            # NOTE: the translated body once, then the client's own messages (its disconnect)
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-            return await request.receive()
-
-        inner = Request(request.scope, receive)
+        # NOTE: the translated body once, then the client's own messages (its disconnect)
+        inner = Request(request.scope, replay_body(json.dumps(chat).encode(), request.receive))
         response = await self.handler(inner, "chat/completions")
         model, stops = str(body["model"]), list(chat.get("stop") or [])
         if isinstance(response, SSEResponse):

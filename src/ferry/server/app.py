@@ -29,9 +29,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import get_route_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ferry.config import SchedulerConfig, ServerConfig
+from ferry.disconnect import replay_body
 from ferry.engine.async_engine import AsyncEngine
 from ferry.openai_errors import OpenAIError, install_error_handlers
 from ferry.openapi_bodies import publish_request_models
@@ -81,7 +82,7 @@ class GuardMiddleware:
             if body is None:
                 await _send_error(send, _too_large(cfg.max_body_bytes))
                 return
-            receive = _replay(body, receive)
+            receive = replay_body(body, receive)
         await self.app(scope, receive, send)
 
 
@@ -115,18 +116,6 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that hands out the buffered body once, then defers to the real one (disconnects)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 async def _send_error(send: Send, exc: OpenAIError) -> None:
