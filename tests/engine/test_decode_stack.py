@@ -14,7 +14,9 @@ import torch
 from arch_models import make_tiny
 
 from ferry import LLM, SamplingParams
+from ferry.kernels.build import cpu_flags
 from ferry.outputs import RequestOutput
+from ferry.runner.model_runner import BF16_CPU_FLAGS, BF16_KEPT_ROWS
 
 PROMPTS = ["Write a short story about a robot who paints.", "What is the capital of France?",
            "List three prime numbers and explain why."]
@@ -67,6 +69,20 @@ def test_sliding_window_layers_keep_the_python_path(tmp_path: Path, hf_tokenizer
     out = _run(llm, fused=True)
     assert all(len(o.outputs[0].token_ids) == 24 for o in out)
     assert llm.engine.core.runner.model._decode_stack() is None
+
+
+@pytest.mark.skipif(not BF16_CPU_FLAGS & cpu_flags(), reason="no bfloat16 matrix units on this CPU")
+def test_bfloat16_steps_over_kept_weights_match_the_python_path(smollm2_path: Path) -> None:
+    llm = LLM(str(smollm2_path), dtype="bfloat16", max_num_seqs=BF16_KEPT_ROWS + 2)
+    prompts = [f"{p} ({i})" for i in range(BF16_KEPT_ROWS // len(PROMPTS) + 1) for p in PROMPTS]
+    assert len(prompts) >= BF16_KEPT_ROWS  # every decode step multiplies in bfloat16
+
+    def run(fused: bool) -> list[RequestOutput]:
+        llm.engine.core.runner.model.fused_decode = fused
+        return llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                    logprobs=3))
+
+    _assert_identical(run(False), run(True))
 
 
 def test_bad_arguments_raise_instead_of_crashing(smollm2_llm: LLM) -> None:

@@ -43,10 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   pybind11::class_<ferry::LinearSpec>(mod, "LinearSpec", pybind11::module_local())
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<int64_t>, std::vector<int64_t>, std::optional<at::Tensor>,
-                          std::optional<at::Tensor>, int64_t>(),
+                          std::optional<at::Tensor>, int64_t, std::vector<at::Tensor>>(),
            pybind11::arg("codes"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("qtypes"),
            pybind11::arg("out_features"), pybind11::arg("dense"), pybind11::arg("bias"),
-           pybind11::arg("bf16_rows"));
+           pybind11::arg("bf16_rows"), pybind11::arg("bf16_weights") = std::vector<at::Tensor>());
   // NOTE: forward releases the GIL: a step takes milliseconds, in which the server streams.
   pybind11::class_<ferry::DecodeStack>(mod, "DecodeStack", pybind11::module_local())
       .def(pybind11::init<int64_t, int64_t, int64_t, double>())

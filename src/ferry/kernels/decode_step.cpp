@@ -25,11 +25,20 @@ namespace ferry {
 LinearSpec::LinearSpec(std::vector<at::Tensor> codes, std::vector<at::Tensor> d,
                        std::vector<at::Tensor> m, std::vector<int64_t> qtypes,
                        std::vector<int64_t> out_features, std::optional<at::Tensor> dense,
-                       std::optional<at::Tensor> bias, int64_t bf16_rows)
-    : codes_(std::move(codes)), d_(std::move(d)), m_(std::move(m)), qtypes_(std::move(qtypes)),
+                       std::optional<at::Tensor> bias, int64_t bf16_rows,
+                       std::vector<at::Tensor> bf16_weights)
+    : codes_(std::move(codes)), d_(std::move(d)), m_(std::move(m)),
+      bf16_weights_(std::move(bf16_weights)), qtypes_(std::move(qtypes)),
       out_features_(std::move(out_features)), dense_(std::move(dense)), bias_(std::move(bias)),
       bf16_rows_(bf16_rows) {
   const size_t parts = codes_.size();
+  TORCH_CHECK(bf16_weights_.empty() || bf16_weights_.size() == parts,
+              "kept bfloat16 weights come one per packed part, or not at all");
+  for (size_t i = 0; i < bf16_weights_.size(); ++i) {
+    TORCH_CHECK(bf16_weights_[i].scalar_type() == at::kBFloat16 && bf16_weights_[i].dim() == 2 &&
+                    bf16_weights_[i].size(1) == out_features_[i],
+                "a kept bfloat16 weight must be [in, out] bfloat16");
+  }
   TORCH_CHECK(d_.size() == parts && m_.size() == parts && qtypes_.size() == parts &&
                   out_features_.size() == parts,
               "a packed linear needs codes, d, m, type and rows for every part");
@@ -43,12 +52,16 @@ LinearSpec::LinearSpec(std::vector<at::Tensor> codes, std::vector<at::Tensor> d,
 
 at::Tensor LinearSpec::operator()(const at::Tensor& x) const {
   const bool bf16 = bf16_rows_ > 0 && x.size(0) >= bf16_rows_;
-  // one part: the kernel's product, float32 or (many rows) bfloat16 over the dequantized weight
+  const at::Tensor xb = bf16 ? x.to(at::kBFloat16) : at::Tensor();
+  // one part: the kernel's product, float32 or (many rows) bfloat16 over the kept or the
+  // dequantized weight
   auto part = [&](size_t i) {
     if (bf16) {
-      const at::Tensor wt = dequantize_t_bf16(codes_[i], d_[i], m_[i], qtypes_[i],
-                                              out_features_[i], x.size(1));
-      return at::mm(x.to(at::kBFloat16), wt).to(at::kFloat);
+      const at::Tensor wt = bf16_weights_.empty()
+                                ? dequantize_t_bf16(codes_[i], d_[i], m_[i], qtypes_[i],
+                                                    out_features_[i], x.size(1))
+                                : bf16_weights_[i];
+      return at::mm(xb, wt).to(at::kFloat);
     }
     return quant_linear(x, codes_[i], d_[i], m_[i], qtypes_[i], out_features_[i]);
   };

@@ -10,16 +10,18 @@ namespace ferry {
 
 // One linear layer: packed quant parts in output-row order (ferry.model.layers.linear), or a dense
 // float32 weight; an optional bias. With bf16_rows > 0, a batch of at least that many rows runs in
-// bfloat16 over the packed weights dequantized for the call (PackedWeight.bf16_rows).
+// bfloat16 over the packed weights dequantized for the call (PackedWeight.bf16_rows), or over
+// bf16_weights, their [in, out] bfloat16 copies kept by PackedWeight.keep_bf16 (one per part).
 class LinearSpec {
  public:
   LinearSpec(std::vector<at::Tensor> codes, std::vector<at::Tensor> d, std::vector<at::Tensor> m,
              std::vector<int64_t> qtypes, std::vector<int64_t> out_features,
-             std::optional<at::Tensor> dense, std::optional<at::Tensor> bias, int64_t bf16_rows);
+             std::optional<at::Tensor> dense, std::optional<at::Tensor> bias, int64_t bf16_rows,
+             std::vector<at::Tensor> bf16_weights);
   at::Tensor operator()(const at::Tensor& x) const;  // [T, in] -> [T, out]
 
  private:
-  std::vector<at::Tensor> codes_, d_, m_;
+  std::vector<at::Tensor> codes_, d_, m_, bf16_weights_;
   std::vector<int64_t> qtypes_, out_features_;
   std::optional<at::Tensor> dense_, bias_;
   int64_t bf16_rows_;

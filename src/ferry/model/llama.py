@@ -143,9 +143,11 @@ def _linear_spec(ops: ModuleType, linear: Linear) -> Any:
     if linear.packed is None:
         return ops.LinearSpec([], [], [], [], [], linear.weight, linear.bias, 0)
     parts = list(linear.packed)
+    kept = [p.bf16_weight for p in parts if p.bf16_weight is not None]
     return ops.LinearSpec([p.codes for p in parts], [p.d for p in parts], [p.m for p in parts],
                           [p.type_id for p in parts], [p.out_features for p in parts], None,
-                          linear.bias, parts[0].bf16_rows or 0)
+                          linear.bias, parts[0].bf16_rows or 0,
+                          kept if len(kept) == len(parts) else [])
 
 
 def _build_stack(ops: ModuleType, layers: nn.ModuleList) -> Any:

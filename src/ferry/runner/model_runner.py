@@ -28,7 +28,7 @@ from ferry.model.layers.linear import PackedWeight
 from ferry.model.llama import KVCache, Weight
 from ferry.model.registry import build_model
 from ferry.outputs import Logprob
-from ferry.runner.memory import num_kv_blocks
+from ferry.runner.memory import available_cpu_memory, num_kv_blocks
 from ferry.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 from ferry.spec import DraftModel, speculates
 from ferry.structured import BitmaskFiller
@@ -41,6 +41,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # on SmolLM2 (2-core Sapphire Rapids): at 32 rows a c=32 decode ran at 0.66x float32's tok/s; with
 # 64 prompts offline, 1.25x.
 BF16_MATMUL_ROWS = 64
+# NOTE: with each weight's bfloat16 copy kept beside its blocks (2 bytes a weight), a bfloat16 GEMM
+# is the product alone: on one Sapphire Rapids core, SmolLM2's seven matmuls of a layer took
+# 762 us in bfloat16 against 956 us for the float32 kernel at 16 rows (942 / 1899 us at 32, but
+# 714 / 526 us at 8), so kept copies pay from 16 rows.
+BF16_KEPT_ROWS = 16
+# the bfloat16 copies are kept when they take at most this share of the available memory
+BF16_KEEP_SHARE = 0.25
 BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 # ``LoadedModel.weights``: (HF name, tensor) pairs; with True, GGUF blocks may stay quantized
@@ -131,10 +138,18 @@ class ModelRunner:
             logger.warning("this CPU has no bfloat16 matrix units (AMX-BF16 or AVX512-BF16); "
                            "running float32")
             return
+        copies = sum(2 * w.out_features * w.in_features for w in packed)
+        keep = copies <= BF16_KEEP_SHARE * available_cpu_memory()
+        rows = BF16_KEPT_ROWS if keep else BF16_MATMUL_ROWS
         for weight in packed:
-            weight.bf16_rows = BF16_MATMUL_ROWS
-        logger.info("bfloat16 matmuls for steps of %d rows or more, over the packed weights; "
-                    "smaller steps, attention and the KV cache stay float32", BF16_MATMUL_ROWS)
+            if keep:
+                weight.keep_bf16()
+            weight.bf16_rows = rows
+        how = (f"bfloat16 copies of the weights kept ({copies / 2**20:.0f} MiB)" if keep else
+               f"weights dequantized per call (their {copies / 2**20:.0f} MiB of bfloat16 copies "
+               f"exceed {BF16_KEEP_SHARE:.0%} of available memory)")
+        logger.info("bfloat16 matmuls for steps of %d rows or more, %s; smaller steps, attention "
+                    "and the KV cache stay float32", rows, how)
 
     @property
     def weight_bytes(self) -> int:

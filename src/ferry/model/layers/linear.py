@@ -30,15 +30,26 @@ class PackedWeight(nn.Module):
         self.register_buffer("d", packed.d)
         self.register_buffer("m", packed.m)
         self._ops = ops
-        # steps of at least this many rows multiply in bfloat16 over the weight dequantized for the
-        # call (AMX; ``matmul_dtype``); None: always the float32 kernel
+        # steps of at least this many rows multiply in bfloat16 (AMX; ``matmul_dtype``) over the
+        # weight dequantized for the call, or over ``bf16_weight`` when kept; None: always the
+        # float32 kernel
         self.bf16_rows: int | None = None
+        self.bf16_weight: torch.Tensor | None
+        self.register_buffer("bf16_weight", None)
+
+    def keep_bf16(self) -> None:
+        """Keep the weight dequantized as [in, out] bfloat16 beside its blocks (2 bytes a weight),
+        so bfloat16 steps skip the per-call dequantization (what makes them pay from ~16 rows)."""
+        self.bf16_weight = self._ops.dequantize_t_bf16(
+            self.codes, self.d, self.m, self.type_id, self.out_features, self.in_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] float32 -> [T, out]
         if self.bf16_rows is not None and x.shape[0] >= self.bf16_rows:
-            wt = self._ops.dequantize_t_bf16(self.codes, self.d, self.m, self.type_id,
-                                             self.out_features, self.in_features)
+            wt = self.bf16_weight
+            if wt is None:
+                wt = self._ops.dequantize_t_bf16(self.codes, self.d, self.m, self.type_id,
+                                                 self.out_features, self.in_features)
             return torch.mm(x.to(torch.bfloat16), wt).float()
         return self._ops.quant_linear(x, self.codes, self.d, self.m, self.type_id,
                                       self.out_features)
