@@ -334,3 +334,21 @@ def test_settlements_wait_for_the_database_and_orphans_are_settled(proxied: tupl
             assert conn.execute(select(func.count()).where(ledger_table.c.status == 0)).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def test_gateways_starting_at_once_on_a_fresh_postgres_all_start(postgres: str) -> None:
+    # NOTE: without the schema lock, concurrent create_all calls collide in PostgreSQL's type catalogue
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            make_engine(postgres).dispose()
+        except BaseException as e:  # noqa: BLE001  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []

@@ -72,9 +72,10 @@ def test_ledger_totals_equal_the_backends_own_usage(upstreams, gateway) -> None:
 def test_health_endpoint(upstreams, gateway) -> None:
     _, srv = upstreams("rack")
     gw = gateway([backend("rack", srv, "onprem")])
+    gw.wait_for(lambda: httpx.get(gw.url + "/health").json()["backends"]["rack"]["state"] == "up", what="rack up")
     body = httpx.get(gw.url + "/health").json()
-    assert body["status"] == "ok" and body["backends"]["rack"] == {"location": "onprem", "up": True, "inflight": 0,
-                                                                  "saturated": False}
+    assert body["status"] == "ok" and body["backends"]["rack"] == {
+        "location": "onprem", "state": "up", "up": True, "inflight": 0, "saturated": False}
 
 
 def test_usage_command_reads_the_ledger(upstreams, gateway, tmp_path) -> None:

@@ -64,7 +64,7 @@ def test_a_deployment_url_with_its_api_version_and_key(azure, gateway) -> None:
     assert gw.ledger()[-1]["completion_tokens"] == 3
     # health asks the resource's model list with the same version and key
     gw.wait_for(lambda: any(p.startswith("/openai/models?api-version=") for p in state.paths), what="health")
-    assert gw.admin.get("/health").json()["backends"]["az"]["up"]
+    gw.wait_for(lambda: gw.admin.get("/health").json()["backends"]["az"]["up"], what="az up")
 
 
 def test_the_api_version_field_and_an_entra_token(azure, gateway) -> None:

@@ -8,8 +8,10 @@ back what it saw: requests, cancellations, tokens, the bodies it got.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -50,6 +52,8 @@ class UpstreamState:
     forced_kv_usage: float = 0.0
     template_tokens: int = 0  # a chat template's tokens around the messages (a default system prompt, ...)
     max_model_len: int = 4096  # what /tokenize reports
+    embeddings: bool = True  # False: /v1/embeddings answers 404, as ferry serve does today
+    models_gate: threading.Event | None = None  # set: GET /v1/models (the health check) waits until it is set
     # what it saw
     requests: int = 0
     completed: int = 0
@@ -194,6 +198,39 @@ def make_upstream(state: UpstreamState) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await generate(request, "text")
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        """OpenAI's embeddings: a deterministic unit-ish vector per input, usage with prompt tokens only."""
+        body = await request.json()
+        with state.lock:
+            state.requests += 1
+            state.bodies.append(body)
+            state.request_headers.append(dict(request.headers))
+            failing = 404 if not state.embeddings else _should_fail(state)
+        if failing is not None:
+            return JSONResponse({"error": {"message": f"{state.name}: no embeddings here" if failing == 404
+                                           else f"{state.name} told to fail", "type": "invalid_request_error",
+                                           "param": None, "code": None}}, status_code=failing)
+        value = body["input"]
+        items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        dims = int(body.get("dimensions") or 8)
+        data, tokens = [], 0
+        for i, item in enumerate(items):
+            n = len(item) if isinstance(item, list) else len(item.split())
+            tokens += n
+            seed = sum(str(item).encode())
+            vector = [((seed * (k + 1)) % 97) / 97.0 for k in range(dims)]
+            if body.get("encoding_format") == "base64":
+                encoded: Any = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            else:
+                encoded = vector
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        with state.lock:
+            state.completed += 1
+            state.prompt_tokens_total += tokens
+        return JSONResponse({"object": "list", "data": data, "model": body["model"],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         """Like ferry serve's: the prompt's token count as this upstream bills it, template included."""
@@ -205,6 +242,8 @@ def make_upstream(state: UpstreamState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Response:
+        if state.models_gate is not None:
+            await asyncio.to_thread(state.models_gate.wait, 30)
         if state.fail_status is not None and state.fail_count is None:  # broken for good: health fails too
             return JSONResponse({"error": {"message": "down"}}, status_code=state.fail_status)
         return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model", "created": 0,

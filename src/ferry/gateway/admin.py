@@ -7,13 +7,52 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ferry.gateway.keys import KeySpec
+from ferry.gateway.keys import KeyRecord, KeySpec
 from ferry.gateway.ledger import GROUP_BY, parse_since
 from ferry.gateway.stages import bearer
 from ferry.gateway.state import Gateway
 from ferry.openai_errors import OpenAIError
 
 _SPEC_FIELDS = ("name", "team", "models", "data_class", "budget_usd", "rpm", "tpm")
+
+
+class KeySpecError(ValueError):
+    """Key settings the admin API refuses; ``param`` names the field (OpenAI's error ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def key_spec(gw: Gateway, body: dict[str, object], base: KeyRecord | None = None) -> KeySpec:
+    """Key settings from an admin's request (the API's JSON body, the console's form), checked
+    against the config; fields ``body`` leaves out keep ``base``'s values. Raises ``KeySpecError``."""
+    unknown = sorted(set(body) - set(_SPEC_FIELDS))
+    if unknown:
+        raise KeySpecError(unknown[0], f"unknown field(s) {unknown}, expected {list(_SPEC_FIELDS)}")
+    fields = {**(vars(base.spec()) if base is not None else {}), **body}
+    models = fields.get("models")
+    try:
+        spec = KeySpec(**{**fields, "models": tuple(models) if isinstance(models, list) else models})
+    except (ValueError, TypeError) as e:
+        raise KeySpecError(str(e).split(":")[0], str(e)) from e
+    if spec.data_class is not None and gw.config.data_class(spec.data_class) is None:
+        raise KeySpecError("data_class", f"data_class: unknown data class {spec.data_class!r}")
+    for m in spec.models or ():
+        if gw.config.model(m) is None:
+            raise KeySpecError("models", f"models: unknown model {m!r}")
+    return spec
+
+
+async def json_object(request: Request) -> dict[str, object] | Response:
+    """The request's JSON object body, or the 400 to answer."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return OpenAIError(400, "The body is not valid JSON.").response()
+    if not isinstance(body, dict):
+        return OpenAIError(400, "The body must be a JSON object.").response()
+    return body
 
 
 def admin_router(gw: Gateway) -> APIRouter:
@@ -29,29 +68,35 @@ def admin_router(gw: Gateway) -> APIRouter:
     async def create_key(request: Request) -> Response:
         if (resp := denied(request)) is not None:
             return resp
+        body = await json_object(request)
+        if isinstance(body, Response):
+            return body
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return OpenAIError(400, "The body is not valid JSON.").response()
-        if not isinstance(body, dict):
-            return OpenAIError(400, "The body must be a JSON object.").response()
-        unknown = sorted(set(body) - set(_SPEC_FIELDS))
-        if unknown:
-            return OpenAIError(400, f"unknown field(s) {unknown}, expected {list(_SPEC_FIELDS)}",
-                               param=unknown[0]).response()
-        models = body.get("models")
-        try:
-            spec = KeySpec(**{**body, "models": tuple(models) if isinstance(models, list) else models})
-        except (ValueError, TypeError) as e:
-            return OpenAIError(400, str(e), param=str(e).split(":")[0]).response()
-        if spec.data_class is not None and gw.config.data_class(spec.data_class) is None:
-            return OpenAIError(400, f"data_class: unknown data class {spec.data_class!r}",
-                               param="data_class").response()
-        for m in spec.models or ():
-            if gw.config.model(m) is None:
-                return OpenAIError(400, f"models: unknown model {m!r}", param="models").response()
+            spec = key_spec(gw, body)
+        except KeySpecError as e:
+            return OpenAIError(400, str(e), param=e.param).response()
         record, secret = await gw.db(gw.keys.create, spec)
         return JSONResponse({**record.public(), "key": secret}, status_code=201)
+
+    @router.patch("/keys/{key_id}")
+    async def update_key(key_id: str, request: Request) -> Response:
+        """Change a key's settings (budget, limits, ...); the fields the body leaves out stay."""
+        if (resp := denied(request)) is not None:
+            return resp
+        body = await json_object(request)
+        if isinstance(body, Response):
+            return body
+        record = await gw.db(gw.keys.get, key_id)
+        if record is None:
+            return OpenAIError(404, f"no key with id {key_id!r}", code="key_not_found").response()
+        try:
+            spec = key_spec(gw, body, base=record)
+        except KeySpecError as e:
+            return OpenAIError(400, str(e), param=e.param).response()
+        updated = await gw.db(gw.keys.update, key_id, spec)
+        if updated is None:  # NOTE: revoked between the read and the write
+            return OpenAIError(404, f"no key with id {key_id!r}", code="key_not_found").response()
+        return JSONResponse(updated.public())
 
     @router.get("/keys")
     async def list_keys(request: Request) -> Response:

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ferry.gateway.admin import admin_router
 from ferry.gateway.bodies import BODIES
 from ferry.gateway.config import GatewayConfig
+from ferry.gateway.console import console_router
 from ferry.gateway.messages_ingress import MessagesIngress
 from ferry.gateway.proxy import InferenceHandler
 from ferry.gateway.stages import Rejection, authenticate
@@ -58,6 +59,10 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
         """Anthropic's Messages API over the same routing (ferry.gateway.messages_ingress)."""
         return await messages_ingress(request)
 
+    @app.post("/v1/embeddings", openapi_extra=request_body(BODIES["embeddings"]))
+    async def embeddings(request: Request) -> Response:
+        return await handler(request, "embeddings")
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         caller = await authenticate(gw, request)
@@ -70,13 +75,16 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
 
     @app.get("/health")
     async def health() -> Response:
-        backends = {b.name: {"location": b.location, "up": b.up, "inflight": b.inflight,
-                             "saturated": gw.router.saturated(b)} for b in gw.backends.values()}
+        # NOTE: "state" unknown until the backend first answers; "up" only once it is known up (health.py)
+        states = {name: gw.states.state(b) for name, b in gw.backends.items()}
+        backends = {b.name: {"location": b.location, "state": states[b.name], "up": states[b.name] == "up",
+                             "inflight": b.inflight, "saturated": gw.router.saturated(b)}
+                    for b in gw.backends.values()}
         database = {"url": gw.database_name, "up": gw.database.cause is None, "error": gw.database.cause,
                     "down_since": gw.database.down_since, "waiting_writes": gw.ledger.backlog}
         # NOTE: degraded, still 200: a liveness probe must not restart a gateway for its database's
         # outage (a restart cannot fix it, and would drop the settlements waiting in memory).
-        up = any(b.up for b in gw.backends.values()) and gw.database.cause is None
+        up = "up" in states.values() and gw.database.cause is None
         return JSONResponse({"status": "ok" if up else "degraded", "backends": backends, "database": database})
 
     @app.get("/metrics")
@@ -84,4 +92,5 @@ def create_app(config: GatewayConfig, env: Mapping[str, str] | None = None, *, i
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(admin_router(gw))
+    app.include_router(console_router(gw))
     return app

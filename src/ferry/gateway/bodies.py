@@ -6,13 +6,13 @@ before a ledger reservation or an upstream is spent on it), and let every other 
 (``extra="allow"``: vLLM extensions, provider-specific options). Ranges are the upstream's to
 judge; it answers them in OpenAI's shape and the gateway passes that answer on.
 
-They also describe the two inference routes in the gateway's ``/openapi.json``: the routes read
+They also describe the inference routes in the gateway's ``/openapi.json``: the routes read
 their body in the ``parse`` stage, after authentication, so FastAPI never sees these models itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -70,8 +70,22 @@ class CompletionBody(_Common):
     best_of: int | None = Field(None, ge=1, le=128)  # NOTE: reserved like n (see _Common)
 
 
+class EmbeddingsBody(_Body):
+    """OpenAI's embeddings request: text, a list of texts, token ids or lists of token ids."""
+
+    model: str | None = None  # NOTE: as in _Common: a missing model is resolve_model's 404
+    # NOTE: OpenAI refuses an empty list (and an empty string); ranges past that are the upstream's
+    input: (str | list[str] | list[int] | list[list[int]]) = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    user: str | None = None
+
+
 BODIES: dict[str, type[BaseModel]] = {"chat/completions": ChatCompletionBody,
-                                      "completions": CompletionBody}
+                                      "completions": CompletionBody,
+                                      "embeddings": EmbeddingsBody}
+# the endpoints whose answers may stream (an embeddings body's "stream" is the upstream's to refuse)
+STREAMING = ("chat/completions", "completions")
 
 
 def check_body(endpoint: str, body: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ import yaml
 
 LOCATIONS = ("onprem", "cloud")
 BACKEND_KINDS = ("ferry", "openai", "azure", "anthropic")
+# NOTE: the Messages API has no embeddings; a kind listed here is never sent /v1/embeddings
+NO_EMBEDDINGS_KINDS = ("anthropic",)
 ANTHROPIC_VERSION = "2023-06-01"  # the anthropic-version header's default (the Messages API's)
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a header value
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
@@ -146,6 +148,10 @@ class BackendConfig:
                 raise ConfigError(f"{p}.headers.{name}", "must be a one-line string")
             if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
                 raise ConfigError(f"{p}.headers.{name}", "is set by the gateway itself")
+
+    def serves(self, endpoint: str) -> bool:
+        """Whether this backend's kind can take ``endpoint`` at all (its server may still answer 404)."""
+        return not (endpoint == "embeddings" and self.kind in NO_EMBEDDINGS_KINDS)
 
     @property
     def header_env(self) -> tuple[str, ...]:

@@ -186,7 +186,7 @@ def make_engine(url: str) -> Engine:
     except ArgumentError as e:  # a malformed URL
         raise DatabaseError(f"database {where}: {str(e).splitlines()[0]}") from e
     try:
-        metadata.create_all(engine)
+        _create_tables(engine)
         _add_missing_columns(engine)
     except SQLAlchemyError as e:
         engine.dispose()
@@ -224,6 +224,21 @@ def _create_engine(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
                                connect_args=connect_args)
     return engine
+
+
+# NOTE: any fixed number; it names the lock of ferry's schema set-up among PostgreSQL's advisory locks
+_SCHEMA_LOCK = 0x66657272
+
+
+def _create_tables(engine: Engine) -> None:
+    """``create_all``; on PostgreSQL under an advisory lock, since two gateways starting at once on a
+    fresh database would both create the tables and one fail on PostgreSQL's type catalogue."""
+    if engine.dialect.name != "postgresql":
+        metadata.create_all(engine)
+        return
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+        metadata.create_all(conn)
 
 
 def _add_missing_columns(engine: Engine) -> None:

@@ -8,7 +8,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert, select, update
 
 from ferry.gateway.db import keys_table
 
@@ -70,6 +70,17 @@ class KeyRecord:
         d["models"] = list(self.models) if self.models is not None else None
         return d
 
+    def spec(self) -> KeySpec:
+        """Its settings, as the admin gave them (what ``KeyStore.update`` replaces)."""
+        return KeySpec(name=self.name, team=self.team, models=self.models, data_class=self.data_class,
+                       budget_usd=self.budget_usd, rpm=self.rpm, tpm=self.tpm)
+
+
+def _settings(spec: KeySpec) -> dict[str, object]:
+    return {"name": spec.name, "team": spec.team,
+            "models": json.dumps(list(spec.models)) if spec.models is not None else None,
+            "data_class": spec.data_class, "budget_usd": spec.budget_usd, "rpm": spec.rpm, "tpm": spec.tpm}
+
 
 def _record(row: object) -> KeyRecord:
     m = row._mapping  # type: ignore[attr-defined]
@@ -87,11 +98,8 @@ class KeyStore:
         """Store a new key; returns the record and the secret, which is shown this once only."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = secrets.token_hex(8)
-        row = {"id": key_id, "name": spec.name, "team": spec.team, "key_hash": hash_key(secret),
-               "key_prefix": secret[: len(KEY_PREFIX) + 4],
-               "models": json.dumps(list(spec.models)) if spec.models is not None else None,
-               "data_class": spec.data_class, "budget_usd": spec.budget_usd, "rpm": spec.rpm, "tpm": spec.tpm,
-               "created_at": time.time()}
+        row = {"id": key_id, "key_hash": hash_key(secret), "key_prefix": secret[: len(KEY_PREFIX) + 4],
+               **_settings(spec), "created_at": time.time()}
         with self._engine.begin() as conn:
             conn.execute(insert(keys_table).values(**row))
         return self.get(key_id), secret  # type: ignore[return-value]
@@ -110,6 +118,17 @@ class KeyStore:
         with self._engine.connect() as conn:
             rows = conn.execute(select(keys_table).order_by(keys_table.c.created_at)).all()
         return [_record(r) for r in rows]
+
+    def update(self, key_id: str, spec: KeySpec) -> KeyRecord | None:
+        """Replace a key's settings (its secret and id stay); None when there is no such key.
+
+        NOTE: limits and budgets read the key's row at each request, so a change applies to the next one.
+        """
+        with self._engine.begin() as conn:
+            changed = conn.execute(update(keys_table).where(keys_table.c.id == key_id).values(**_settings(spec)))
+            if changed.rowcount == 0:
+                return None
+        return self.get(key_id)
 
     def delete(self, key_id: str) -> bool:
         with self._engine.begin() as conn:

@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ferry.disconnect import ClientDisconnected, race_disconnect
-from ferry.gateway.backends import UpstreamError
+from ferry.gateway.backends import Backend, UpstreamError
 from ferry.gateway.config import ModelRoute
 from ferry.gateway.data_class import DataClassDecision
 from ferry.gateway.ledger import CLIENT_CLOSED, Outcome, Progress, cost_usd
@@ -36,6 +36,8 @@ from ferry.openai_errors import OpenAIError
 from ferry.sse import DONE, SSEError, SSEResponse, aiter_sse_data, sse_event
 
 log = logging.getLogger("ferry.gateway")
+# endpoints an OpenAI-compatible upstream may lack: its 404 moves the request to another deployment
+_OPTIONAL_ENDPOINTS = ("embeddings",)
 
 
 @dataclass
@@ -50,11 +52,13 @@ class _Context:
     reserve: Estimate = field(default_factory=Estimate)
     attempts: int = 0
     failures: list[str] = field(default_factory=list)
+    not_served: list[str] = field(default_factory=list)  # deployments that answered 404 for the endpoint
+    backend_state: str = "up"  # what health.BackendStates said of the backend when it was chosen
 
     async def finish(self, outcome: Outcome) -> None:
         reason = outcome.reason
-        if reason is None and self.failures:
-            reason = "failed over: " + " | ".join(self.failures)
+        if reason is None and (self.failures or self.not_served):
+            reason = "failed over: " + " | ".join(self.failures + self.not_served)
         outcome = replace(outcome, attempts=self.attempts, latency_s=time.monotonic() - self.t0, reason=reason)
         m = self.gw.metrics
         m.requests.labels(outcome.backend or "", outcome.location or "", self.decision.name,
@@ -210,20 +214,32 @@ class InferenceHandler:
     async def _dispatch(self, ctx: _Context, route: ModelRoute, body: dict[str, Any], endpoint: str) -> Response:
         gw = self.gw
         deadline = time.monotonic() + gw.config.routing.queue_timeout
-        exclude: set[int] = set()
+        # NOTE: a deployment whose kind has no such endpoint (anthropic: no embeddings) is never tried
+        exclude = {i for i, d in enumerate(route.deployments) if not gw.config.backend(d.backend).serves(endpoint)}
         while True:
             try:
                 res = await gw.router.reserve(route, ctx.decision.locations, deadline, frozenset(exclude))
             except NoRoute as e:
-                return await self._no_route(ctx, e)
+                return await self._no_route(ctx, e, endpoint)
             ctx.attempts += 1
             backend = res.candidate.backend
+            ctx.backend_state = gw.states.state(backend)
             released = False
             try:
                 upstream = dict(body, model=res.candidate.deployment.model)
                 if ctx.stream:
                     upstream["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
                 resp = await backend.send(endpoint, upstream)
+                if resp.status_code == 404 and endpoint in _OPTIONAL_ENDPOINTS:
+                    # NOTE: an upstream without the endpoint (ferry serve has no embeddings) or
+                    # without the model: it answered, so its circuit stays closed, and another
+                    # deployment may serve it. Not counted against routing.retries: deployments are few.
+                    released = True
+                    detail = await self._read_error(backend, resp)
+                    self._answered(backend)
+                    ctx.not_served.append(f"{backend.name}: HTTP 404: {detail}")
+                    exclude.add(res.candidate.index)
+                    continue
                 if resp.status_code != 200:
                     released = True
                     return await self._passthrough_error(ctx, res, resp)
@@ -241,7 +257,7 @@ class InferenceHandler:
                     await resp.aclose()
                 released = True
                 gw.router.release(backend)
-                backend.breaker.record_success()
+                self._answered(backend)
                 return await self._complete(ctx, res, raw)
             except UpstreamError as e:
                 released = True
@@ -263,21 +279,48 @@ class InferenceHandler:
         await ctx.finish(Outcome(error.status_code, reason=reason))
         return error.response()
 
-    async def _no_route(self, ctx: _Context, e: NoRoute) -> Response:
+    async def _read_error(self, backend: Backend, resp: httpx.Response) -> str:
+        """An error answer's first bytes; the response closed and the backend's slot released."""
+        try:
+            raw = await resp.aread()
+        except httpx.HTTPError as e:
+            raw = str(e).encode()
+        finally:
+            await resp.aclose()
+            self.gw.router.release(backend)
+        return raw.decode(errors="replace")[:300]
+
+    async def _no_route(self, ctx: _Context, e: NoRoute, endpoint: str) -> Response:
         if e.code == "exhausted" and ctx.failures:
             return await self._upstream_failed(ctx)
+        if e.code == "exhausted" and ctx.not_served:
+            message = (f"no deployment this request may use serves /v1/{endpoint}: " + " | ".join(ctx.not_served))
+            return await self._unserved(ctx, "not_served", OpenAIError(404, message, code="unsupported_endpoint"),
+                                        message)
+        if e.code == "exhausted" and ctx.attempts == 0:
+            # NOTE: every deployment the data class allows is of a kind without the endpoint
+            e = NoRoute(f"no deployment of this model in {' or '.join(ctx.decision.locations)}, the only "
+                        f"location(s) this request's data class allows, serves /v1/{endpoint}", "no_allowed_deployment")
         message = f"{e.reason} (data class {ctx.decision.name!r}" + (
             f", PII found: {', '.join(ctx.decision.pii)})" if ctx.decision.pii else ")")
         return await self._unserved(ctx, e.code, OpenAIError(503, message, code=e.code), f"{e.code}: {message}")
 
     async def _upstream_failed(self, ctx: _Context) -> Response:
-        message = "every attempt failed: " + " | ".join(ctx.failures)
+        message = "every attempt failed: " + " | ".join(ctx.failures + ctx.not_served)
         return await self._unserved(ctx, "upstream_failed", OpenAIError(502, message, code="upstream_failed"),
                                     message)
 
+    def _answered(self, backend: Backend) -> None:
+        """The backend answered a request: its failure streak ends and it is known up."""
+        backend.breaker.record_success()
+        self.gw.states.answered(backend.name)
+
     def _headers(self, ctx: _Context, res: Reservation) -> dict[str, str]:
+        # NOTE: x-ferry-backend-state "unknown": routed before the backend's first health check
+        # answered, because no backend known up could take the request (health.PreferKnownUp).
         return {"x-ferry-backend": res.candidate.backend.name, "x-ferry-location": res.candidate.location,
-                "x-ferry-data-class": ctx.decision.name, "x-ferry-overflow": "1" if res.overflow else "0"}
+                "x-ferry-data-class": ctx.decision.name, "x-ferry-overflow": "1" if res.overflow else "0",
+                "x-ferry-backend-state": ctx.backend_state}
 
     def _outcome(self, res: Reservation, status: int, usage: tuple[int, int] | None, **kw: Any) -> Outcome:
         p, c = usage or (0, 0)
@@ -298,7 +341,7 @@ class InferenceHandler:
         finally:
             await resp.aclose()
             self.gw.router.release(backend)
-        backend.breaker.record_success()  # it answered: the request was wrong, not the backend
+        self._answered(backend)  # it answered: the request was wrong, not the backend
         await ctx.finish(self._outcome(res, resp.status_code, None, reason=raw.decode(errors="replace")[:500]))
         return Response(raw, status_code=resp.status_code, media_type="application/json",
                         headers=self._headers(ctx, res))
@@ -384,7 +427,7 @@ class InferenceHandler:
             else:
                 end.status = 200
                 end.reason = None if end.usage else "upstream reported no usage"
-                backend.breaker.record_success()
+                self._answered(backend)
 
         async def events() -> AsyncIterator[str]:
             nonlocal error_event

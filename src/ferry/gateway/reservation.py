@@ -10,7 +10,10 @@ For each deployment the request's data class allows:
                   ``max_output_tokens``; times ``n`` (``best_of``) and the number of prompts
     cost        = prompt x input price + completion x output price of that deployment
 
-and the reservation is the largest of each over the deployments, so it holds wherever the router
+An embeddings request holds its ``input``'s bound (``input_bound``) at the dearest input price and
+no completion tokens.
+
+The reservation is the largest of each over the deployments, so it holds wherever the router
 sends the request. Counting with a backend costs a round trip, so it is done only for callers whose
 key has a TPM limit or a budget (``exact``); the others reserve the byte bound, which limits nothing.
 """
@@ -28,7 +31,13 @@ from ferry.gateway.backends import Backend
 from ferry.gateway.config import DeploymentConfig, GatewayConfig, ModelRoute
 from ferry.gateway.ledger import cost_usd
 from ferry.gateway.limits import Estimate
-from ferry.gateway.token_bounds import completion_limit, extra_prompt_bytes, prompt_bound, sequences
+from ferry.gateway.token_bounds import (
+    completion_limit,
+    extra_prompt_bytes,
+    prompt_bound,
+    sequences,
+    string_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,9 @@ class Reserver:
     async def estimate(self, body: dict[str, Any], endpoint: str, route: ModelRoute, locations: tuple[str, ...],
                        exact: bool) -> Estimate:
         deployments = [(d, self._backends[d.backend]) for d in route.deployments
-                       if self._config.backend(d.backend).location in locations]
+                       if (b := self._config.backend(d.backend)).location in locations and b.serves(endpoint)]
+        if endpoint == "embeddings":
+            return _embeddings(body, route, deployments)
         counts = await asyncio.gather(*(self._count(b, d.model, body, endpoint) if exact else _none()
                                         for d, b in deployments))
         bound = prompt_bound(body, endpoint, route.template_overhead_tokens, route.message_overhead_tokens)
@@ -112,6 +123,30 @@ class Reserver:
             return None
         valid_context = isinstance(context, int) and not isinstance(context, bool) and context > 0
         return Counted(count, context if valid_context else None)
+
+
+def input_bound(body: dict[str, Any], message_overhead: int) -> int:
+    """The most tokens an embeddings ``input`` can be: token ids count exactly, a text at most its
+    UTF-8 bytes plus the per-message overhead (a BOS, a SentencePiece prefix)."""
+    value = body.get("input")
+    items = value if isinstance(value, list) and value and not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value) else [value]
+    total = 0
+    for item in items:
+        if isinstance(item, list):
+            total += len(item)
+        else:
+            total += string_bytes(item) + message_overhead
+    return total
+
+
+def _embeddings(body: dict[str, Any], route: ModelRoute, deployments: list[tuple[DeploymentConfig, Backend]]
+                ) -> Estimate:
+    """An embeddings request holds its input's bound, priced at the dearest input price; it has no
+    completion tokens."""
+    prompt = input_bound(body, route.message_overhead_tokens)
+    price = max((_prices(d, b)[0] for d, b in deployments), default=0.0)
+    return Estimate(prompt, 0, cost_usd(prompt, 0, price, 0.0))
 
 
 async def _none() -> None:

@@ -17,7 +17,7 @@ import anyio.to_thread
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from ferry.gateway.bodies import check_body
+from ferry.gateway.bodies import STREAMING, check_body
 from ferry.gateway.config import ModelRoute
 from ferry.gateway.data_class import HEADER, DataClassDecision, UnknownDataClass
 from ferry.gateway.keys import KeyRecord
@@ -63,10 +63,16 @@ class Admitted:
     decision: DataClassDecision
     row_id: int
     reserve: Estimate = field(default_factory=Estimate)  # what its row holds; a cut stream's prompt is billed from it
+    endpoint: str = "chat/completions"
 
     @property
     def stream(self) -> bool:
-        return bool(self.body.get("stream"))
+        return streams(self.endpoint, self.body)
+
+
+def streams(endpoint: str, body: dict[str, Any]) -> bool:
+    """Whether the answer is an event stream: asked for, on an endpoint that has one."""
+    return endpoint in STREAMING and bool(body.get("stream"))
 
 
 @dataclass(frozen=True)
@@ -117,12 +123,18 @@ async def parse(request: Request, endpoint: str) -> dict[str, Any] | Rejection:
     return body
 
 
-def resolve_model(gw: Gateway, caller: Caller, body: dict[str, Any]) -> ModelRoute | Rejection:
+def resolve_model(gw: Gateway, caller: Caller, body: dict[str, Any], endpoint: str = "chat/completions"
+                  ) -> ModelRoute | Rejection:
     model = body.get("model")
     route = gw.config.model(model) if isinstance(model, str) else None
     if route is None:
         return Rejection(OpenAIError(404, f"The model {model!r} does not exist.", code="model_not_found",
                                      param="model"), "model_not_found", "unknown model")
+    if not any(gw.config.backend(d.backend).serves(endpoint) for d in route.deployments):
+        kinds = sorted({gw.config.backend(d.backend).kind for d in route.deployments})
+        message = f"The model {route.name!r} is served by {', '.join(kinds)} backends only, which have no /v1/{endpoint}."
+        return Rejection(OpenAIError(400, message, code="unsupported_endpoint", param="model"),
+                         "bad_request", message)
     key = caller.key
     if key is not None and not key.allows(route.name):
         return Rejection(OpenAIError(403, f"Key {key.name!r} may not use model {route.name!r}.",
@@ -182,8 +194,8 @@ async def run_stages(gw: Gateway, request: Request, endpoint: str) -> Admitted |
     if isinstance(body, Rejection):
         return Refused(body, row)
     model = body.get("model")
-    row = replace(row, model=model if isinstance(model, str) else None, stream=bool(body.get("stream")))
-    route = resolve_model(gw, caller, body)
+    row = replace(row, model=model if isinstance(model, str) else None, stream=streams(endpoint, body))
+    route = resolve_model(gw, caller, body, endpoint)
     if isinstance(route, Rejection):
         return Refused(route, row)
     decision = await data_class(gw, caller, request, body)
@@ -193,4 +205,4 @@ async def run_stages(gw: Gateway, request: Request, endpoint: str) -> Admitted |
     admitted = await admit(gw, caller, body, endpoint, route, decision, row)
     if isinstance(admitted, Rejection):
         return Refused(admitted, row)
-    return Admitted(caller, body, route, decision, *admitted)
+    return Admitted(caller, body, route, decision, *admitted, endpoint=endpoint)

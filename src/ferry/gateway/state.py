@@ -16,15 +16,16 @@ from ferry.gateway.backends import Backend, make_backend
 from ferry.gateway.config import GatewayConfig
 from ferry.gateway.data_class import DataClassPolicy
 from ferry.gateway.db import Availability, make_engine, redact, unavailable_cause
-from ferry.gateway.health import HealthMonitor
+from ferry.gateway.health import BackendStates, HealthMonitor, PreferKnownUp
 from ferry.gateway.keeper import InFlight, LedgerKeeper
 from ferry.gateway.keys import KeyStore
 from ferry.gateway.ledger import Ledger, OpenRows
 from ferry.gateway.limits import Limits
-from ferry.gateway.metrics import GatewayMetrics
+from ferry.gateway.metrics import GatewayMetrics, GatewayStats
 from ferry.gateway.recovery import Instances
 from ferry.gateway.reservation import Reserver
 from ferry.gateway.routing import Router, make_policy
+from ferry.logformat import log_every
 from ferry.openai_errors import OpenAIError
 
 T = TypeVar("T")
@@ -50,14 +51,18 @@ class Gateway:
         self.data_classes = DataClassPolicy(config)
         self.backends: dict[str, Backend] = {b.name: make_backend(b, config.health, env, transport)
                                              for b in config.backends}
-        self.router = Router(config, self.backends, make_policy(config.routing.policy))
+        self.states = BackendStates()  # unknown until a backend first answers (health.py)
+        self.router = Router(config, self.backends, PreferKnownUp(make_policy(config.routing.policy), self.states))
         self.reserver = Reserver(config, self.backends)
         self.inflight = InFlight()  # streams' delivered tokens, written to their rows by the keeper
         self.keeper = LedgerKeeper(self.ledger, Instances(self.engine, self.instance, config.ledger.instance_lease),
                                    self.inflight, config.ledger.progress_interval)
-        self.metrics = GatewayMetrics(self.backends)
+        self.metrics = GatewayMetrics(self.backends, self.states.state)
         self.monitor = HealthMonitor(list(self.backends.values()), config.health, config.routing.metrics_interval,
-                                     self.router.notify)
+                                     self.router.notify, self.states)
+        # seconds between the summary lines in the log (`ferry gateway --log-stats-interval`); 0: none
+        self.log_stats_interval = 0.0
+        self._stats_task: asyncio.Task[None] | None = None
 
     def is_master(self, secret: str | None) -> bool:
         """Whether ``secret`` is the master key, compared in constant time."""
@@ -72,8 +77,16 @@ class Gateway:
         # NOTE: one scrape before serving, so the first requests already see the replicas' load.
         await self.monitor.scrape_once()
         self.monitor.start()
+        if self.log_stats_interval > 0:
+            stats = GatewayStats(self.metrics, self.backends, self.states.state)
+            self._stats_task = asyncio.create_task(
+                log_every(self.log_stats_interval, stats.summary, logging.getLogger("ferry.gateway.stats")),
+                name="ferry-gateway-stats")
 
     async def stop(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
         await self.monitor.stop()
         try:
             await self.keeper.stop()

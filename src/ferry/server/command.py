@@ -26,6 +26,7 @@ import uvicorn
 
 from ferry.engine.async_engine import AsyncEngine
 from ferry.engine.preflight import check as preflight_check
+from ferry.logformat import IdleGate, log_every
 from ferry.server.app import build_app
 from ferry.server.flags import (
     add_arguments,
@@ -41,6 +42,41 @@ logger = logging.getLogger(__name__)
 __all__ = ["DrainingServer", "add_arguments", "configs_from_args", "parse_bytes", "run"]
 
 
+class ServeStats:
+    """vLLM's periodic line: prompt and generation throughput over the interval, running and waiting
+    sequences, KV cache usage, and the prefix cache's hit rate over the interval."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self._last: tuple[float, float, int, int] | None = None  # prompt, generation, prefix queries, hits
+        self._idle = IdleGate()
+
+    def _counter(self, name: str) -> float:
+        metrics = self.state.metrics
+        if metrics is None:
+            return 0.0
+        value = metrics.registry.get_sample_value(name, {"model_name": metrics.model_name})
+        return value or 0.0
+
+    def summary(self, seconds: float) -> str | None:
+        engine = self.state.engine
+        if engine is None or seconds <= 0:
+            return None  # NOTE: still loading: /health says so, and there is nothing to count
+        stats = engine.stats()
+        now = (self._counter("ferry:prompt_tokens_total"), self._counter("ferry:generation_tokens_total"),
+               stats.prefix_cache_queries_total, stats.prefix_cache_hits_total)
+        last = self._last or now
+        self._last = now
+        prompt, generation, queries, hits = (a - b for a, b in zip(now, last))
+        if not self._idle.passes(not (prompt or generation or stats.num_running or stats.num_waiting)):
+            return None
+        return (f"Avg prompt throughput: {prompt / seconds:.1f} tokens/s, "
+                f"Avg generation throughput: {generation / seconds:.1f} tokens/s, "
+                f"Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
+                f"KV cache usage: {stats.kv_cache_usage * 100:.1f}%, "
+                f"Prefix cache hit rate: {(hits / queries if queries else 0.0) * 100:.1f}%")
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn with a drain phase before its own shutdown, and exit code 1 if the model fails."""
 
@@ -51,9 +87,10 @@ class DrainingServer(uvicorn.Server):
     TIMED_OUT = "The server is shutting down: this request was still running at --shutdown-timeout."
     STOPPED = "The server is shutting down now (a second signal)."
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, stats_interval: float = 0.0) -> None:
         super().__init__(config)
         self.state = state
+        self.stats_interval = stats_interval  # seconds between summary lines; 0: none
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -62,10 +99,16 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self._loop = asyncio.get_running_loop()
         self._watch_task = self._loop.create_task(self._watch_load())
+        stats_task = None
+        if self.stats_interval > 0:
+            stats_task = self._loop.create_task(log_every(
+                self.stats_interval, ServeStats(self.state).summary, logging.getLogger("ferry.server.stats")))
         try:
             await super().serve(sockets)
         finally:
             self._watch_task.cancel()
+            if stats_task is not None:
+                stats_task.cancel()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """The signal handler: hand the signal to the HTTP event loop, nothing else.
@@ -165,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
                                log_config=None, access_log=False, lifespan="on",
                                timeout_graceful_shutdown=DrainingServer.GRACE_S,
                                **uvicorn_options(server_config))
-    server = DrainingServer(uv_config, get_state(app))
+    server = DrainingServer(uv_config, get_state(app),
+                            stats_interval=args.log_stats_interval if args.log_stats else 0.0)
 
     def serve_http() -> None:
         try:

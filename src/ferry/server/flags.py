@@ -46,11 +46,20 @@ NO_OP_FLAGS: dict[str, bool] = {
     "--disable-custom-all-reduce": False,  # one device: no all-reduce
     "--distributed-executor-backend": True,
     "--disable-frontend-multiprocessing": False,
-    "--disable-log-stats": False,  # ferry logs no periodic stats; /metrics has them
     "--disable-uvicorn-access-log": False,  # ferry's request log replaces uvicorn's
     "--max-log-len": True,  # ferry never logs prompts
     "--swap-space": True,  # preempted requests are recomputed, never swapped
 }
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
 
 
 def parse_bytes(text: str) -> int:
@@ -225,6 +234,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     s.add_argument("--uvicorn-log-level", default=defaults_s.uvicorn_log_level,
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--log-format", default=defaults_s.log_format, choices=["text", "json"])
+    s.add_argument("--log-stats-interval", type=_non_negative_seconds, default=10.0, metavar="SECONDS",
+                   help="seconds between the one-line throughput/KV summaries in the log; 0: none "
+                        "(default: %(default)s)")
+    s.add_argument("--disable-log-stats", dest="log_stats", action="store_false", default=True,
+                   help="no periodic summary lines (vLLM's flag; as --log-stats-interval 0)")
     s.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
                    default=defaults_s.log_requests, help="no request log lines")
     s.add_argument("--enable-log-requests", dest="log_requests", action="store_true",
@@ -273,7 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                                       "prefix-aware one")
     v = parser.add_argument_group(
         "vLLM flags accepted with no effect",
-        "--enforce-eager, --swap-space, --disable-log-stats and other tuning of what ferry does "
+        "--enforce-eager, --swap-space and other tuning of what ferry does "
         "not have (the list: docs/server.md)")
     for name, takes_value in NO_OP_FLAGS.items():
         v.add_argument(name, dest=f"noop_{name[2:].replace('-', '_')}", help=argparse.SUPPRESS,

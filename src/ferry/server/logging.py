@@ -2,20 +2,26 @@
 
 ``AccessLogMiddleware`` puts a ``RequestLogInfo`` in the ASGI scope's state; routes fill in what
 they know (tokens, TTFT) and the middleware writes the line when the response's last byte is sent,
-so streamed responses are logged once, at their real end.
+so streamed responses are logged once, at their real end. Probes (``/health``, ``/metrics``) are
+logged at DEBUG, so the INFO log shows requests only. The format (text or JSON lines) is
+``ferry.logformat``'s, shared with `ferry gateway`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ferry.logformat import JsonFormatter, configure_logging, is_probe
+
+__all__ = ["ACCESS_LOGGER", "AccessLogMiddleware", "JsonFormatter", "RequestLogInfo", "configure_logging",
+           "log_info_of"]
 
 ACCESS_LOGGER = "ferry.server.access"
 LOG_INFO_KEY = "ferry_log"
@@ -35,6 +41,7 @@ class RequestLogInfo:
     ttft_s: float | None = None
     error: str | None = None
     logged: bool = False
+    probe: bool = False  # /health or /metrics: logged at DEBUG
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,7 +77,8 @@ class AccessLogMiddleware:
             return
         given = dict(scope.get("headers", [])).get(_REQUEST_ID_HEADER)
         request_id = given.decode("latin-1")[:128] if given else uuid.uuid4().hex
-        info = RequestLogInfo(request_id=request_id, method=scope["method"], path=scope["path"])
+        info = RequestLogInfo(request_id=request_id, method=scope["method"], path=scope["path"],
+                              probe=is_probe(get_route_path(scope)))
         scope.setdefault("state", {})[LOG_INFO_KEY] = info
 
         async def send_wrapper(message: Message) -> None:
@@ -99,45 +107,9 @@ class AccessLogMiddleware:
         if not self.enabled:
             return
         f = info.fields()
-        self.logger.info(
+        self.logger.log(
+            logging.DEBUG if info.probe else logging.INFO,
             "%s %s %s %s prompt_tokens=%s completion_tokens=%s ttft_ms=%s total_ms=%s%s",
             f["request_id"], f["method"], f["path"], f["status"], f["prompt_tokens"],
             f["completion_tokens"], f["ttft_ms"], f["total_ms"],
             f" error={info.error!r}" if info.error else "", extra={"ferry_fields": f})
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, plus a request's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        extra = getattr(record, "ferry_fields", None)
-        if isinstance(extra, dict):
-            out.update(extra)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Root logging for `ferry serve`: one handler on stderr, text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    # uvicorn's own access log would duplicate ours; its error log goes through the root handler.
-    logging.getLogger("uvicorn.access").disabled = True
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
