@@ -9,25 +9,19 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from cluster.ray_cluster import API_KEY, Deployed, deploy, undeploy
+from cluster.ray_cluster import API_KEY, Deployed
 from ferry_server import ServerProcess
 
-from ferry.cluster.spec import ModelSpec
 from ferry.server.metrics import parse_prometheus, sample
 
 pytestmark = pytest.mark.slow
 
-ARGS = ("smollm2-135m-instruct", "--max-num-seqs", "4", "--api-key", API_KEY)
 PROMPTS = ["Name three colours.", "What is 2 + 2?", "Say hello in French."]
 
 
 @pytest.fixture(scope="module")
-def cluster(http_port: int) -> Iterator[Deployed]:
-    app = deploy(http_port, ModelSpec(name="ferry-api", serve_args=ARGS, num_replicas=2))
-    try:
-        yield app
-    finally:
-        undeploy(app)
+def cluster(shared_app: Deployed) -> Deployed:
+    return shared_app
 
 
 @pytest.fixture(scope="module")

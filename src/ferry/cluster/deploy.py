@@ -10,7 +10,7 @@ import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
-from ferry.cluster.autoscaling import ferry_load_policy
+from ferry.cluster.autoscaling import FerryLoadPolicy
 from ferry.cluster.ingress import FerryIngress
 from ferry.cluster.replica import FerryReplica
 from ferry.cluster.spec import ClusterSpec, ModelSpec
@@ -55,10 +55,8 @@ def build_application(spec: ModelSpec) -> Any:
             initial_replicas=max(a.min_replicas, 1),
             metrics_interval_s=a.metrics_interval_s, look_back_period_s=a.look_back_period_s,
             upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
-            policy=AutoscalingPolicy(policy_function=ferry_load_policy,
-                                     policy_kwargs={"target_load": a.target_load,
-                                                    "upscale_delay_s": a.upscale_delay_s,
-                                                    "downscale_delay_s": a.downscale_delay_s}))
+            policy=AutoscalingPolicy(policy_function=FerryLoadPolicy,
+                                     policy_kwargs={"target_load": a.target_load}))
         replicas_max = a.max_replicas
     else:
         options["num_replicas"] = spec.num_replicas
@@ -77,8 +75,9 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     """Join the Ray cluster at ``address`` ("auto": the local one), or start a local one."""
     if ray.is_initialized():
         return
+    local = address in (None, "local")
     ray.init(address=address, namespace=HUB_NAMESPACE, include_dashboard=False,
-             num_cpus=None if address else num_cpus, log_to_driver=False)
+             num_cpus=num_cpus if local else None, log_to_driver=False)
 
 
 def deploy(spec: ClusterSpec) -> None:
@@ -95,16 +94,28 @@ def deploy(spec: ClusterSpec) -> None:
 
 
 def status() -> dict[str, Any]:
-    """Serve's status of each application and deployment, as plain data."""
+    """Serve's status of each application and deployment, and each ferry replica's engine
+    (from the application's stats hub: pid, healthy, load, queue, KV usage), as plain data."""
     st = serve.status()
     out: dict[str, Any] = {"proxies": {k: str(v) for k, v in st.proxies.items()},
                            "applications": {}}
     for name, app in st.applications.items():
         out["applications"][name] = {
             "status": str(app.status), "message": app.message,
-            "deployments": {d: {"status": str(s.status), "replicas": dict(s.replica_states),
-                                "message": s.message} for d, s in app.deployments.items()}}
+            "deployments": {d: {"status": str(s.status),
+                                "replicas": {str(k): v for k, v in s.replica_states.items()},
+                                "message": s.message} for d, s in app.deployments.items()},
+            "replicas": _replica_stats(name)}
     return out
+
+
+def _replica_stats(app_name: str) -> list[dict[str, Any]]:
+    try:
+        hub = ray.get_actor(hub_name(app_name), namespace=HUB_NAMESPACE)
+    except ValueError:
+        return []  # NOTE: not a ferry application, or no replica has reported yet
+    now = time.time()
+    return [r.as_dict(now) for r in ray.get(hub.snapshot.remote(), timeout=30)]
 
 
 def shutdown(app_names: list[str] | None = None) -> None:

@@ -74,11 +74,7 @@ def _replicas_route(state: ServerState) -> JSONResponse:
                                        "Unavailable", "param": None, "code": None}},
                             status_code=503)
     now = time.time()
-    replicas = [{"replica": r.replica, "node": r.node, "pid": r.pid,
-                 "healthy": r.fresh(now) and r.running, "dead_reason": r.dead_reason,
-                 "load": r.load, "num_running": r.stats.num_running,
-                 "num_waiting": r.stats.num_waiting, "kv_cache_usage": r.stats.kv_cache_usage,
-                 "age_s": round(now - r.at, 3)} for r in engine.replicas]
+    replicas = [r.as_dict(now) for r in engine.replicas]
     healthy = sum(1 for r in replicas if r["healthy"])
     return JSONResponse({"status": "ok" if healthy else "unavailable", "healthy": healthy,
                          "replicas": replicas}, status_code=200 if healthy else 503)

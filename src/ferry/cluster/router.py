@@ -13,6 +13,7 @@ replica's own ``record_routing_stats`` load when that is larger (other routers, 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import OrderedDict
 from typing import Any
 
@@ -82,7 +83,10 @@ class PrefixAwareRouter(RequestRouter):
         matched = self._matched_blocks(prefix_hashes(prompt)) if prompt else {}
         loads = {r.replica_id: self._load(r) for r in candidate_replicas}
         least = min(loads.values())
-        ranked = sorted(candidate_replicas,
+        # NOTE: shuffled first, so that ties (requests routed at once, before any of them is
+        # counted in flight) spread instead of all taking the first candidate
+        shuffled = random.sample(candidate_replicas, len(candidate_replicas))
+        ranked = sorted(shuffled,
                         key=lambda r: (loads[r.replica_id], -matched.get(r.replica_id, 0)))
         holders = [r for r in candidate_replicas if matched.get(r.replica_id, 0) > 0
                    and loads[r.replica_id] <= least + self._imbalance]

@@ -135,23 +135,43 @@ def _model_spec(raw: Any, single: bool) -> ModelSpec:
                                        "prefix_routing", "route_prefix"})
     if "replicas" in raw and "autoscaling" in raw:
         raise ValueError(f"model {name}: give `replicas` or `autoscaling`, not both")
-    args = tuple(str(a) for a in raw.get("args", ()))
-    auto = raw.get("autoscaling")
-    res = dict(raw.get("resources") or {})
+    args = raw.get("args", [])
+    if not isinstance(args, list):
+        raise ValueError(f"model {name}: `args` must be a list of `ferry serve` flags")  # noqa: TRY004 (config error)
+    auto = _mapping(f"model {name} autoscaling", raw.get("autoscaling"))
+    res = _mapping(f"model {name} resources", raw.get("resources")) or {}
     _no_unknown(f"model {name} resources", res, {"num_cpus", "num_gpus", "memory"})
+    if auto is not None:
+        _no_unknown(f"model {name} autoscaling", auto,
+                    set(AutoscalingSpec.__dataclass_fields__))
     memory = res.get("memory")
-    spec = ModelSpec(
-        name=name, serve_args=args, num_replicas=int(raw.get("replicas", 1)),
-        autoscaling=AutoscalingSpec(**auto) if isinstance(auto, Mapping) else None,
-        resources=Resources(num_cpus=float(res.get("num_cpus", 1)),
-                            num_gpus=float(res.get("num_gpus", 0)),
-                            memory=parse_bytes(str(memory)) if memory is not None else None),
-        prefix_routing=bool(raw.get("prefix_routing", True)),
-        route_prefix=str(raw.get("route_prefix", "/" if single else f"/{name}")))
+    try:
+        spec = ModelSpec(
+            name=name, serve_args=tuple(str(a) for a in args),
+            num_replicas=int(raw.get("replicas", 1)),
+            autoscaling=AutoscalingSpec(**{k: (int(v) if k.endswith("_replicas") else float(v))
+                                           for k, v in auto.items()}) if auto is not None else None,
+            resources=Resources(num_cpus=float(res.get("num_cpus", 1)),
+                                num_gpus=float(res.get("num_gpus", 0)),
+                                memory=parse_bytes(str(memory)) if memory is not None else None),
+            prefix_routing=bool(raw.get("prefix_routing", True)),
+            route_prefix=str(raw.get("route_prefix", "/" if single else f"/{name}")))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model {name}: {exc}") from exc
+    if not spec.route_prefix.startswith("/"):
+        raise ValueError(f"model {name}: route_prefix must start with /, got {spec.route_prefix!r}")
     if spec.num_replicas < 1:
         raise ValueError(f"model {name}: replicas must be >= 1, got {spec.num_replicas}")
     spec.configs()  # NOTE: refuse bad serve flags before Ray starts anything
     return spec
+
+
+def _mapping(where: str, value: Any) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")  # noqa: TRY004 (config error)
+    return value
 
 
 def _no_unknown(where: str, raw: Mapping[str, Any], known: set[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import ray
 
@@ -18,6 +19,7 @@ from ferry.engine.core import EngineStats
 PUSH_INTERVAL_S = 0.5
 STALE_AFTER_S = 5.0  # a replica silent this long is reported down
 HUB_NAMESPACE = "serve"
+KV_FULL = 0.95  # KV-cache usage from which a replica counts as having a full batch
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,25 @@ class ReplicaStats:
         NOTE: Ray's own signal (ongoing requests) is blind to a KV pool that is full with few
         long requests: such a replica is as busy as one with a full batch.
         """
-        held = float(self.stats.num_running + self.stats.num_waiting)
-        if self.stats.kv_cache_usage >= 0.95:
-            held = max(held, float(self.max_num_seqs)) + self.stats.num_waiting
-        return held
+        running = float(self.stats.num_running)
+        if self.stats.kv_cache_usage >= KV_FULL:
+            running = max(running, float(self.max_num_seqs))
+        return running + self.stats.num_waiting
 
     def fresh(self, now: float | None = None) -> bool:
         return ((now or time.time()) - self.at) < STALE_AFTER_S
+
+    def healthy(self, now: float | None = None) -> bool:
+        return self.fresh(now) and self.running
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        """The replica as ``/health/replicas`` and ``ferry cluster status`` show it."""
+        now = now or time.time()
+        return {"replica": self.replica, "node": self.node, "pid": self.pid,
+                "healthy": self.healthy(now), "dead_reason": self.dead_reason, "load": self.load,
+                "num_running": self.stats.num_running, "num_waiting": self.stats.num_waiting,
+                "kv_cache_usage": round(self.stats.kv_cache_usage, 4),
+                "age_s": round(now - self.at, 3)}
 
 
 def hub_name(app_name: str) -> str:
