@@ -5,6 +5,8 @@ Each conversation has one of ``--systems`` long system prompts and runs ``--turn
 model's real answers appended to its history, ``--concurrency`` conversations at a time. Per setup:
 the prefix-cache hit rate over the replicas (prompt tokens found cached / looked up, read from the
 ingress's per-replica counters) and output tokens per second; then the ratios, all from one run.
+A plain `ferry serve` (one thread, no Ray) runs the same workload first: the Ray path's overhead is
+one replica's tok/s against it.
 
     python benchmarks/scale_out.py [--conversations 8] [--turns 3] [--systems 4]
                                    [--concurrency 4] [--max-tokens 16] [--model smollm2-135m-instruct]
@@ -19,6 +21,8 @@ import argparse
 import os
 import platform
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,6 +83,44 @@ def conversation(base: str, c: int, args: argparse.Namespace) -> int:
     return tokens
 
 
+def run_plain(args: argparse.Namespace) -> Result:
+    """The same workload against one plain `ferry serve` (one thread), for the Ray path's overhead."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "ferry.cli", "serve", "--model", args.model,
+                               "--port", str(port), "--max-num-seqs", str(args.max_num_seqs)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("ferry serve did not start in 300 s")
+            time.sleep(0.5)
+
+        def counters() -> tuple[float, float]:
+            m = parse_prometheus(httpx.get(base + "/metrics", timeout=30).text)
+            return (sum(v for k, v in m.items() if k.startswith("ferry:prefix_cache_hits_total")),
+                    sum(v for k, v in m.items() if k.startswith("ferry:prefix_cache_queries_total")))
+
+        hits0, queries0 = counters()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            tokens = sum(pool.map(lambda c: conversation(base, c, args), range(args.conversations)))
+        seconds = time.perf_counter() - t0
+        hits1, queries1 = counters()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    rate = (hits1 - hits0) / (queries1 - queries0) if queries1 > queries0 else 0.0
+    return Result("ferry serve (no Ray, 1 thread)", 1, rate, tokens / seconds, seconds, tokens)
+
+
 def run_setup(port: int, label: str, replicas: int, routed: bool,
               args: argparse.Namespace) -> Result:
     name = f"bench-{replicas}-{'routed' if routed else 'default'}"
@@ -124,6 +166,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=4)
     args = p.parse_args()
 
+    plain = run_plain(args)
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve",
              log_to_driver=False,
@@ -142,13 +185,14 @@ def main() -> None:
           f"{args.conversations} conversations x {args.turns} turns, {args.systems} system "
           f"prompts, {args.concurrency} at a time, {args.max_tokens} tokens per answer")
     print(f"{'setup':36s} {'hit rate':>9s} {'out tok/s':>10s} {'seconds':>8s} {'tokens':>7s}")
-    for r in results:
+    for r in [plain, *results]:
         print(f"{r.label:36s} {r.hit_rate:9.3f} {r.tok_s:10.1f} {r.seconds:8.1f} {r.tokens:7d}")
     routed, default, single = results
     print(f"\nprefix hit rate, router / Ray default: {routed.hit_rate / max(default.hit_rate, 1e-9):.2f}x"
           f" ({routed.hit_rate:.3f} vs {default.hit_rate:.3f})")
     print(f"output tok/s, router / Ray default:    {routed.tok_s / default.tok_s:.2f}x")
     print(f"output tok/s, 2 replicas / 1 replica:  {routed.tok_s / single.tok_s:.2f}x")
+    print(f"output tok/s, 1 Ray replica / ferry serve: {single.tok_s / plain.tok_s:.2f}x (the Ray path's overhead)")
 
 
 if __name__ == "__main__":
