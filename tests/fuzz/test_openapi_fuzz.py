@@ -5,7 +5,8 @@ upstream behind the gateway), fuzzed through Schemathesis' Python API. For every
 ``/openapi.json``: positive cases (what the schema allows), negative ones (what it forbids), and,
 for operations with a JSON body, hostile ones (a positive body broken by ``fuzz.hostile``: lone
 surrogates, deep nesting, overflowing numbers, NaN, strings for scalars, a text/plain label).
-Every answer must be below 500, and every 4xx must be in OpenAI's error shape.
+Every answer must be below 500, and every 4xx must be in OpenAI's error shape (Anthropic's on the
+gateway's ``/v1/messages``, which speaks Anthropic's API).
 
 Bounded so that it fits in ``make test``: at most ``FERRY_FUZZ_EXAMPLES`` examples per operation
 and mode (derandomized: the same cases each run, unless ``FERRY_FUZZ_RANDOM=1``), and
@@ -57,13 +58,15 @@ class FuzzReport:
         return (f"{self.sent} cases sent ({self.skipped} skipped past the budget); statuses {codes}; "
                 f"{len(self.failures)} failures; no negative case for {', '.join(self.no_negative)}")
 
-    def record(self, status: int, content: bytes, repro: str) -> None:
+    def record(self, status: int, content: bytes, repro: str, path: str) -> None:
         self.sent += 1
         self.statuses[status] += 1
+        anthropic = path.endswith("/v1/messages")
         if status >= 500:
             self.failures.append(f"{status} {content[:300]!r}: {repro}")
-        elif status >= 400 and not _openai_shaped(content):
-            self.failures.append(f"{status} not in OpenAI's error shape {content[:300]!r}: {repro}")
+        elif status >= 400 and not (_anthropic_shaped(content) if anthropic else _openai_shaped(content)):
+            api = "Anthropic's" if anthropic else "OpenAI's"
+            self.failures.append(f"{status} not in {api} error shape {content[:300]!r}: {repro}")
 
 
 def _openai_shaped(content: bytes) -> bool:
@@ -72,6 +75,16 @@ def _openai_shaped(content: bytes) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     return isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+
+
+def _anthropic_shaped(content: bytes) -> bool:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return (body.get("type") == "error" and isinstance(error, dict)
+            and set(error) == {"type", "message"} and all(isinstance(v, str) for v in error.values()))
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ def _send(target: Target, case: Case, report: FuzzReport) -> None:
     except requests.RequestException as exc:
         report.failures.append(f"no answer ({type(exc).__name__}: {exc}): {repro}")
         return
-    report.record(response.status_code, response.content, repro)
+    report.record(response.status_code, response.content, repro, case.path)
 
 
 def _send_raw(target: Target, path: str, what: str, raw: bytes, content_type: str,
@@ -104,7 +117,7 @@ def _send_raw(target: Target, path: str, what: str, raw: bytes, content_type: st
     except requests.RequestException as exc:
         report.failures.append(f"no answer ({type(exc).__name__}: {exc}): {repro}")
         return
-    report.record(response.status_code, response.content, repro)
+    report.record(response.status_code, response.content, repro, path)
 
 
 def _with_model(body: Any, model: str) -> Any:

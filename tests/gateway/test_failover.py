@@ -62,8 +62,9 @@ def test_all_attempts_failing_is_502_in_openai_shape(upstreams, gateway) -> None
 def test_circuit_opens_after_n_failures_and_health_checks_bring_it_back(upstreams, gateway) -> None:
     a, srv_a = upstreams("a", fail_status=500)
     b, srv_b = upstreams("b")
+    # NOTE: a cooldown long enough that a loaded machine's five requests end before the circuit half-opens
     gw = gateway([backend("a", srv_a, "onprem"), backend("b", srv_b, "onprem")],
-                 health={"interval": 0.1, "failure_threshold": 2, "cooldown": 0.5})
+                 health={"interval": 0.1, "failure_threshold": 2, "cooldown": 3.0})
     client = gw.openai(gw.create_key())
     for _ in range(5):
         assert _backend_of(client) == "b"

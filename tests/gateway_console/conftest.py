@@ -48,7 +48,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         cloud[1].stop()
 
 
-@pytest.fixture(scope="session")
+# NOTE: module scope, not session: Playwright's sync API keeps an event loop running on this thread
+# until it stops, and every later test that starts its own loop (asyncio.run, anyio) would fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not found: the console's browser tests need Debian's chromium "
