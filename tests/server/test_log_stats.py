@@ -151,3 +151,28 @@ def test_gateway_logs_summaries_and_no_probes(gateway_process: Any, fmt: str) ->
         assert all(line.startswith("{") for line in text.splitlines() if line.strip())
     else:
         assert re.search(r"^\S+ \S+ INFO ferry\.gateway\.stats: Requests: ", text, re.MULTILINE)
+
+
+def test_the_first_summary_counts_from_the_servers_start() -> None:
+    # NOTE: a request served before the first summary must show in it (the counters start at zero)
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from ferry.engine.core import EngineStats
+    from ferry.server.command import ServeStats
+
+    registry = CollectorRegistry()
+    prompt = Counter("ferry:prompt_tokens", "", ["model_name"], registry=registry)
+    generation = Counter("ferry:generation_tokens", "", ["model_name"], registry=registry)
+    engine = SimpleNamespace(stats=lambda: EngineStats(0, 0, 0.0, 10, 10, 0, 40, 20))
+    state = SimpleNamespace(engine=engine, metrics=SimpleNamespace(registry=registry, model_name="m"))
+    prompt.labels("m").inc(40)
+    generation.labels("m").inc(8)
+    stats = ServeStats(state)  # type: ignore[arg-type]
+    first = stats.summary(4.0)
+    assert first is not None and first.startswith("Avg prompt throughput: 10.0 tokens/s, "
+                                                  "Avg generation throughput: 2.0 tokens/s")
+    assert "Prefix cache hit rate: 50.0%" in first
+    generation.labels("m").inc(4)
+    assert "Avg generation throughput: 1.0 tokens/s" in (stats.summary(4.0) or "")

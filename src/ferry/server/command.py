@@ -65,7 +65,8 @@ class ServeStats:
         stats = engine.stats()
         now = (self._counter("ferry:prompt_tokens_total"), self._counter("ferry:generation_tokens_total"),
                stats.prefix_cache_queries_total, stats.prefix_cache_hits_total)
-        last = self._last or now
+        # NOTE: the counters start at zero with the server, so the first interval counts from zero
+        last = self._last or (0.0, 0.0, 0, 0)
         self._last = now
         prompt, generation, queries, hits = (a - b for a, b in zip(now, last))
         if not self._idle.passes(not (prompt or generation or stats.num_running or stats.num_waiting)):
