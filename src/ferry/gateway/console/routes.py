@@ -151,20 +151,22 @@ def console_router(gw: Gateway) -> APIRouter:
 
     # -- ledger ----------------------------------------------------------------------------------
 
-    def ledger_filter(request: Request) -> queries.LedgerFilter | OpenAIError:
-        try:
-            return queries.LedgerFilter.from_query(request.query_params)
-        except ValueError as e:
-            return OpenAIError(400, str(e))
-
-    @router.get("/ledger")
-    async def ledger(request: Request) -> Response:
+    def ledger_request(request: Request) -> tuple[Session, queries.LedgerFilter] | Response:
+        """The session and the ledger filter a ledger page asks for, or the page that says why not."""
         session = guard.page(request)
         if isinstance(session, Response):
             return session
-        f = ledger_filter(request)
-        if isinstance(f, OpenAIError):
-            return failed(session, f)
+        try:
+            return session, queries.LedgerFilter.from_query(request.query_params)
+        except ValueError as e:
+            return failed(session, OpenAIError(400, str(e)))
+
+    @router.get("/ledger")
+    async def ledger(request: Request) -> Response:
+        asked = ledger_request(request)
+        if isinstance(asked, Response):
+            return asked
+        session, f = asked
         try:
             rows = await gw.db(queries.ledger_page, gw.engine, f)
             keys = await gw.db(gw.keys.list)
@@ -179,12 +181,10 @@ def console_router(gw: Gateway) -> APIRouter:
 
     @router.get("/ledger.csv")
     async def ledger_csv(request: Request) -> Response:
-        session = guard.page(request)
-        if isinstance(session, Response):
-            return session
-        f = ledger_filter(request)
-        if isinstance(f, OpenAIError):
-            return failed(session, f)
+        asked = ledger_request(request)
+        if isinstance(asked, Response):
+            return asked
+        _, f = asked
         headers = {**SECURITY_HEADERS, "Content-Disposition": 'attachment; filename="ferry-ledger.csv"'}
         # NOTE: a sync generator: Starlette iterates it in a worker thread, off the event loop.
         return StreamingResponse(queries.ledger_csv(gw.engine, f), media_type="text/csv; charset=utf-8",
