@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -83,6 +84,22 @@ def conversation(base: str, c: int, args: argparse.Namespace) -> int:
     return tokens
 
 
+def wait_until(ready: Callable[[], bool], what: str, timeout: float = 300.0,
+               stop: Callable[[], bool] = lambda: False) -> None:
+    """Poll ``ready`` (connection errors count as not yet) until it holds; SystemExit past ``timeout``
+    or once ``stop`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or stop():
+            raise SystemExit(f"not reached in {timeout:g} s: {what}")
+        time.sleep(0.5)
+
+
 def run_plain(args: argparse.Namespace) -> Result:
     """The same workload against one plain `ferry serve` (one thread), for the Ray path's overhead."""
     port = free_port()
@@ -92,16 +109,8 @@ def run_plain(args: argparse.Namespace) -> Result:
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("ferry serve did not start in 300 s")
-            time.sleep(0.5)
+        wait_until(lambda: httpx.get(base + "/health", timeout=5).status_code == 200,
+                   "ferry serve up", stop=lambda: server.poll() is not None)
 
         def counters() -> tuple[float, float]:
             m = parse_prometheus(httpx.get(base + "/metrics", timeout=30).text)
@@ -129,17 +138,11 @@ def run_setup(port: int, label: str, replicas: int, routed: bool,
     serve.run(build_application(spec), name=name, route_prefix=spec.route_prefix, blocking=False)
     base = f"http://127.0.0.1:{port}{spec.route_prefix}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                r = httpx.get(base + "/health/replicas", timeout=5)
-                if r.status_code == 200 and r.json()["healthy"] == replicas:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name}: replicas not healthy in 300 s")
-            time.sleep(0.5)
+        def healthy() -> bool:
+            r = httpx.get(base + "/health/replicas", timeout=5)
+            return r.status_code == 200 and r.json()["healthy"] == replicas
+
+        wait_until(healthy, f"{name}: {replicas} healthy replicas")
         time.sleep(1.5)  # NOTE: the routers' first stats from the replicas
         hits0, queries0 = prefix_counters(base)
         t0 = time.perf_counter()

@@ -110,6 +110,14 @@ class Availability:
     def up(self) -> None:
         self._state = (None, None)
 
+    def note(self, exc: BaseException) -> str | None:
+        """When ``exc`` says the database is unreachable, mark it down and return the cause; None
+        when it is some other error (the caller raises it on)."""
+        cause = unavailable_cause(exc)
+        if cause is not None:
+            self.down(cause)
+        return cause
+
     @property
     def cause(self) -> str | None:
         return self._state[0]

@@ -14,7 +14,6 @@ import logging
 
 import anyio.to_thread
 
-from ferry.gateway.db import unavailable_cause
 from ferry.gateway.ledger import Ledger, Progress
 from ferry.gateway.recovery import Instances
 
@@ -114,11 +113,10 @@ class LedgerKeeper:
             except Exception as e:
                 # NOTE: a database that is briefly away must cost one round, not the loop; the rows
                 # that were not written are retried on the next. One line per outage, not per round.
-                cause = unavailable_cause(e)
+                cause = self._ledger.availability.note(e)
                 if cause is None:
                     log.exception("ledger keeper round failed")
                     continue
-                self._ledger.availability.down(cause)
                 if not self._failing:
                     log.warning("ledger database unavailable: %s; retrying every %gs", cause, self._interval)
                 self._failing = True

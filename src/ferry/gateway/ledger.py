@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, case, func, insert, select, update
 
-from ferry.gateway.db import Availability, ledger_table, unavailable_cause
+from ferry.gateway.db import Availability, ledger_table
 
 log = logging.getLogger("ferry.gateway")
 
@@ -170,10 +170,9 @@ class Ledger:
             with self._engine.begin() as conn:
                 return int(conn.execute(insert(ledger_table).values(**values)).inserted_primary_key[0])
         except Exception as e:
-            cause = unavailable_cause(e)
+            cause = self.availability.note(e)
             if cause is None:
                 raise
-            self.availability.down(cause)
             with self._lock:
                 if len(self._records) < MAX_WAITING_RECORDS:
                     self._records.append(values)
@@ -194,10 +193,9 @@ class Ledger:
             with self._engine.begin() as conn:
                 self._write_close(conn, row_id, outcome)
         except Exception as e:
-            cause = unavailable_cause(e)
+            cause = self.availability.note(e)
             if cause is None:
                 raise
-            self.availability.down(cause)
             with self._lock:
                 self._closes[row_id] = outcome
             log.warning("ledger row %d not settled, database unavailable (%s): kept to write when it is back",

@@ -24,24 +24,17 @@ from ferry.gateway.ledger import CLIENT_CLOSED
 from ferry.gateway.proxy import InferenceHandler
 from ferry.disconnect import replay_body
 from ferry.openai_errors import OpenAIError, parse_json_object
-from ferry.sse import DONE, SSEResponse
+from ferry.sse import DONE, SSEResponse, parse_sse
 
 
 def _ferry_headers(response: Response) -> dict[str, str]:
     return {k: v for k, v in response.headers.items() if k.startswith("x-ferry-")}
 
 
-def _payloads(item: str | bytes) -> list[str]:
-    """The data payloads of one SSE event string as the proxy yields them."""
-    text = item.decode() if isinstance(item, bytes) else item
-    data = [line[5:].removeprefix(" ") for line in text.split("\n") if line.startswith("data:")]
-    return ["\n".join(data)] if data else []
-
-
 def _events(translator: EventTranslator):  # noqa: ANN202  # NOTE: a transform for SSEResponse.transformed
     async def transform(chunks: AsyncIterator[str] | AsyncIterator[bytes]) -> AsyncIterator[str]:
         async for item in chunks:
-            for payload in _payloads(item):
+            for payload in parse_sse(item.decode() if isinstance(item, bytes) else item):
                 if payload == DONE:
                     for event in translator.finish():
                         yield sse(event)

@@ -15,7 +15,7 @@ import httpx
 from ferry.gateway.backends import Backend, make_backend
 from ferry.gateway.config import GatewayConfig
 from ferry.gateway.data_class import DataClassPolicy
-from ferry.gateway.db import Availability, make_engine, redact, unavailable_cause
+from ferry.gateway.db import Availability, make_engine, redact
 from ferry.gateway.health import BackendStates, HealthMonitor, PreferKnownUp
 from ferry.gateway.keeper import InFlight, LedgerKeeper
 from ferry.gateway.keys import KeyStore
@@ -103,10 +103,9 @@ class Gateway:
         try:
             return await anyio.to_thread.run_sync(fn, *args)
         except Exception as e:
-            cause = unavailable_cause(e)
+            cause = self.database.note(e)
             if cause is None:
                 raise
-            self.database.down(cause)
             # NOTE: nothing was held yet where this is raised (authentication, admission, the admin
             # API): settlements never raise it, they wait in the ledger's backlog instead.
             raise OpenAIError(503, f"ledger database unavailable: {cause}", code="database_unavailable",

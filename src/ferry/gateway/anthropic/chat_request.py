@@ -12,19 +12,7 @@ import json
 from typing import Any
 
 from ferry.gateway.anthropic.errors import TranslationError
-
-
-def _text_of(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for i, block in enumerate(content):
-            if not isinstance(block, dict) or block.get("type") != "text":
-                raise TranslationError(f"{where}[{i}]: only text blocks are accepted here")
-            parts.append(str(block.get("text", "")))
-        return "".join(parts)
-    raise TranslationError(f"{where}: must be a string or a list of content blocks")
+from ferry.gateway.anthropic.to_messages import text_of
 
 
 def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
@@ -54,7 +42,7 @@ def _user(content: Any, where: str) -> list[dict[str, Any]]:
         elif kind == "image":
             parts.append(_image_part(block, f"{where}[{i}]"))
         elif kind == "tool_result":
-            text = _text_of(block.get("content", ""), f"{where}[{i}].content")
+            text = text_of(block.get("content", ""), f"{where}[{i}].content")
             if block.get("is_error"):
                 text = f"Error: {text}"
             tools.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")), "content": text})
@@ -133,7 +121,7 @@ def chat_request(body: dict[str, Any]) -> dict[str, Any]:
         raise TranslationError("messages: must be a list")
     messages: list[dict[str, Any]] = []
     if body.get("system"):
-        messages.append({"role": "system", "content": _text_of(body["system"], "system")})
+        messages.append({"role": "system", "content": text_of(body["system"], "system")})
     for i, turn in enumerate(body["messages"]):
         where = f"messages[{i}].content"
         role = turn.get("role") if isinstance(turn, dict) else None

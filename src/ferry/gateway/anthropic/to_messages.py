@@ -35,20 +35,21 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise TranslationError(f"response_format {fmt.get('type')}: not offered by an anthropic backend")
 
 
-def _text(content: Any, where: str) -> str:
-    """A system/tool content: a string or a list of text parts."""
+def text_of(content: Any, where: str) -> str:
+    """A content that must be text: a string, or a list of ``{"type": "text", "text": ...}`` parts
+    (both APIs spell text parts alike); None is empty."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
-        for part in content:
+        for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise TranslationError(f"{where}: only text parts can be sent to an anthropic backend here")
+                raise TranslationError(f"{where}[{i}]: only text is accepted here")
             texts.append(str(part.get("text", "")))
         return "".join(texts)
-    raise TranslationError(f"{where}: content must be a string or a list of parts")
+    raise TranslationError(f"{where}: content must be a string or a list of text parts")
 
 
 def _image(url: str, where: str) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
 
 def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
-    text = _text(message.get("content"), f"{where}.content")
+    text = text_of(message.get("content"), f"{where}.content")
     if text:
         blocks.append({"type": "text", "text": text})
     for j, call in enumerate(message.get("tool_calls") or ()):
@@ -114,14 +115,14 @@ def _messages(messages: list[Any]) -> tuple[str | None, list[dict[str, Any]]]:
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
-            system.append(_text(message.get("content"), f"{where}.content"))
+            system.append(text_of(message.get("content"), f"{where}.content"))
         elif role == "user":
             add("user", _user_blocks(message.get("content"), f"{where}.content"))
         elif role == "assistant":
             add("assistant", _assistant_blocks(message, where))
         elif role == "tool":
             add("user", [{"type": "tool_result", "tool_use_id": str(message.get("tool_call_id") or ""),
-                          "content": _text(message.get("content"), f"{where}.content")}])
+                          "content": text_of(message.get("content"), f"{where}.content")}])
         else:
             raise TranslationError(f"{where}.role: {role!r} cannot be sent to an anthropic backend")
     if not turns:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-import httpx
-
-from ferry.gateway.backends.base import Backend, UpstreamError
+from ferry.gateway.backends.base import Backend
 
 
 class AzureBackend(Backend):
@@ -28,12 +26,6 @@ class AzureBackend(Backend):
         assert version is not None  # NOTE: BackendConfig requires it for kind azure
         return {"api-version": version}
 
-    async def check_health(self) -> None:
+    def health_url(self) -> str:
         parsed = urlparse(self.config.base_url)
-        url = f"{parsed.scheme}://{parsed.netloc}/openai/models"
-        try:
-            resp = await self.client.get(url, timeout=self._health_timeout)
-        except httpx.HTTPError as e:
-            raise UpstreamError(self.name, "connect", str(e) or type(e).__name__) from e
-        if resp.status_code >= 500:
-            raise UpstreamError(self.name, "status", f"HTTP {resp.status_code}", resp.status_code)
+        return f"{parsed.scheme}://{parsed.netloc}/openai/models"

@@ -98,10 +98,14 @@ class Backend:
             raise UpstreamError(self.name, "status", f"HTTP {resp.status_code}: {detail}", resp.status_code)
         return resp
 
+    def health_url(self) -> str:
+        """What ``check_health`` asks: the model list, relative to the base URL."""
+        return "models"
+
     async def check_health(self) -> None:
         """Raise when the backend does not answer; the default asks for its model list."""
         try:
-            resp = await self.client.get("models", timeout=self._health_timeout)
+            resp = await self.client.get(self.health_url(), timeout=self._health_timeout)
         except httpx.HTTPError as e:
             raise UpstreamError(self.name, "connect", str(e) or type(e).__name__) from e
         if resp.status_code >= 500:
