@@ -10,16 +10,27 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from ferry.gateway.db import normalize_url
+from ferry.gateway.db import make_engine, normalize_url
+from ferry.gateway.ledger import Ledger
 
 SKIP_POSTGRES = pytest.mark.skipif(
     not os.environ.get("FERRY_TEST_POSTGRES_URL"),
     reason="PostgreSQL not available: set FERRY_TEST_POSTGRES_URL=postgresql://user@host:port/db")
 DATABASES = ["sqlite", pytest.param("postgresql", marks=SKIP_POSTGRES)]
+
+
+def ledger_rows(url: str) -> list[dict[str, Any]]:
+    """Every ledger row in the database at ``url``, read through a short-lived engine."""
+    engine = make_engine(url)
+    try:
+        return Ledger(engine, "test").rows()
+    finally:
+        engine.dispose()
 
 
 def sqlite_url(tmp_path: Path) -> str:

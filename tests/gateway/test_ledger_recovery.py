@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway.conftest import ENV, MASTER, backend, config_dict
-from gateway.databases import database  # noqa: F401  (fixture)
+from gateway.databases import database, ledger_rows  # noqa: F401  (database: a fixture)
 from gateway.gateway_process import GatewayProcess
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, inspect, select
 
@@ -29,14 +29,6 @@ from ferry.gateway.recovery import Instances, host_identity
 
 PRICE = 1000.0  # USD per million tokens in and out: $0.001 a token
 FAST_LEDGER = {"progress_interval": 0.2, "instance_lease": 600}  # NOTE: the lease never expires in these tests
-
-
-def _rows(url: str) -> list[dict[str, Any]]:
-    engine = make_engine(url)
-    try:
-        return Ledger(engine, "test").rows()
-    finally:
-        engine.dispose()
 
 
 def _wait(predicate: Any, what: str, timeout: float = 20.0) -> None:
@@ -81,14 +73,14 @@ async def test_sigkill_with_streams_in_flight_then_restart_settles_and_bills_del
                                             "max_tokens": 4})
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
             # the keeper writes what each stream delivered while it runs
-            await asyncio.to_thread(_wait, lambda: all(r["completion_tokens"] >= 5 for r in _rows(database)
+            await asyncio.to_thread(_wait, lambda: all(r["completion_tokens"] >= 5 for r in ledger_rows(database)
                                                        if r["status"] == 0), "progress on the rows")
             g.kill()
             assert len(held) == 3
-        pending = [r for r in _rows(database) if r["status"] == 0]
+        pending = [r for r in ledger_rows(database) if r["status"] == 0]
         assert len(pending) == 3 and all(r["reserved_cost_usd"] > 0 for r in pending)  # a crash left them held
         g.start()  # same instance name: its start-up settles what its last run left in flight
-        settled = [r for r in _rows(database) if r["id"] in {p["id"] for p in pending}]
+        settled = [r for r in ledger_rows(database) if r["id"] in {p["id"] for p in pending}]
         for r in settled:
             assert r["status"] == 500 and r["reason"].startswith("settled after gateway restart"), r
             assert r["reserved_tokens"] == 0 and r["reserved_cost_usd"] == 0
@@ -120,16 +112,16 @@ async def test_a_restart_leaves_a_live_instances_rows_alone(upstreams, database,
                 a.kill()
                 assert held is not None
             await asyncio.to_thread(a.start)
-            rows = {r["instance"]: r for r in _rows(database)}
+            rows = {r["instance"]: r for r in ledger_rows(database)}
             assert rows["a"]["status"] == 500 and rows["a"]["reason"].startswith("settled after gateway")
             await asyncio.sleep(1.0)  # five keeper rounds on each instance
-            rows = {r["instance"]: r for r in _rows(database)}
+            rows = {r["instance"]: r for r in ledger_rows(database)}
             assert rows["b"]["status"] == 0 and rows["b"]["reserved_tokens"] > 0  # b is alive: left alone
             async for _ in on_b:  # b's stream runs to its end
                 pass
-        await asyncio.to_thread(_wait, lambda: {r["instance"]: r for r in _rows(database)}["b"]["status"] != 0,
+        await asyncio.to_thread(_wait, lambda: {r["instance"]: r for r in ledger_rows(database)}["b"]["status"] != 0,
                                 "b's row")
-        row_b = {r["instance"]: r for r in _rows(database)}["b"]
+        row_b = {r["instance"]: r for r in ledger_rows(database)}["b"]
         assert (row_b["status"], row_b["completion_tokens"], row_b["reason"]) == (200, 150, None)
     finally:
         a.stop()

@@ -11,23 +11,14 @@ from typing import Any
 
 import httpx
 from gateway.conftest import backend, config_dict
-from gateway.databases import database  # noqa: F401  (fixture)
+from gateway.databases import database, ledger_rows  # noqa: F401  (database: a fixture)
 from gateway.gateway_process import GatewayProcess
 from sqlalchemy import update
 
 from ferry.gateway.db import instances_table, make_engine
-from ferry.gateway.ledger import Ledger
 
 PRICE = 1000.0  # USD per million tokens in and out: $0.001 a token
 LEASE = 4.0  # seconds without a heartbeat after which an instance is dead
-
-
-def _rows(url: str) -> list[dict[str, Any]]:
-    engine = make_engine(url)
-    try:
-        return Ledger(engine, "test").rows()
-    finally:
-        engine.dispose()
 
 
 def _move_to_another_host(url: str, instance: str) -> None:
@@ -81,15 +72,15 @@ async def test_a_live_peer_settles_a_dead_instances_row_after_the_lease(
             while seen < 3:
                 line = await anext(lines)
                 seen += '"content": "' in line and '"content": ""' not in line
-            await _wait(lambda: any(row["completion_tokens"] >= 3 for row in _rows(database)), "progress on the row")
+            await _wait(lambda: any(row["completion_tokens"] >= 3 for row in ledger_rows(database)), "progress on the row")
             a.kill()  # SIGKILL mid-stream: the row stays pending, holding its reservation
-            (row,) = [row for row in _rows(database) if row["instance"] == "a"]
+            (row,) = [row for row in ledger_rows(database) if row["instance"] == "a"]
             assert row["status"] == 0 and row["reserved_cost_usd"] > 0.15
             refused = await http.post(**_ask(b.url, secret))
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
         # the live peer settles it once a's heartbeat is older than the lease
-        await _wait(lambda: next(r for r in _rows(database) if r["instance"] == "a")["status"] != 0, "the sweep")
-        (row,) = [r for r in _rows(database) if r["instance"] == "a"]
+        await _wait(lambda: next(r for r in ledger_rows(database) if r["instance"] == "a")["status"] != 0, "the sweep")
+        (row,) = [r for r in ledger_rows(database) if r["instance"] == "a"]
         assert row["status"] == 500 and "sent no heartbeat" in row["reason"], row["reason"]
         assert row["reserved_tokens"] == 0 and row["reserved_cost_usd"] == 0
         assert 3 <= row["completion_tokens"] < 200  # billed what reached the client by the last progress write
